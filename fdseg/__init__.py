@@ -1,0 +1,17 @@
+"""fdseg: few-shot industrial defect segmentation.
+
+    import fdseg
+    seg = fdseg.FewShotSegmenter(backbone="efficientnet_lite0", method="fm")
+    seg.fit(support_images, support_masks)
+    pred = seg.predict(query_image)      # pred.mask, pred.score, pred.boxes
+"""
+from .backbones import create_backbone, list_backbones, register_backbone
+from .errors import FdsegError, InputError, MissingExtraError
+from .methods import create_method, list_methods, register_method
+from .segmenter import FewShotSegmenter, Prediction
+
+__version__ = "0.1.0"
+
+__all__ = ["FdsegError", "FewShotSegmenter", "InputError", "MissingExtraError", "Prediction",
+           "__version__", "create_backbone", "create_method", "list_backbones", "list_methods",
+           "register_backbone", "register_method"]

@@ -1,0 +1,169 @@
+"""Command line: thin wrappers that parse arguments and call the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FdsegError
+
+
+def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> None:
+    g = p.add_argument_group("model")
+    if methods_multi:
+        g.add_argument("--method", nargs="+", default=["fm"], help="matching methods (default: fm)")
+    else:
+        g.add_argument("--method", default="fm", help="matching method (default: fm; see `fdseg list`)")
+    g.add_argument("--backbone", default="efficientnet_lite0", help="feature backbone (default: efficientnet_lite0)")
+    g.add_argument("--weights", default=None, help="backbone weights file (default: the backbone's own)")
+    g.add_argument("--size", type=int, default=256, help="network input size / tile size (default: 256)")
+    g.add_argument("--resize", default="resize", choices=["resize", "aspect", "tile"],
+                   help="resize: squeeze to size x size (paper); aspect: keep aspect, long side = size; "
+                        "tile: native resolution x --tile-scale in size x size tiles")
+    g.add_argument("--tile-scale", type=float, default=1.0, help="image scale in tile mode (default 1 = native)")
+    g.add_argument("--feature-stride", type=int, default=4, help="feature grid cell in input pixels (default 4)")
+    g.add_argument("--local-avg", type=int, default=1, help="k x k local feature averaging (default 1 = off)")
+    g.add_argument("--threshold", type=float, default=0.0, help="margin threshold (default 0 = argmax)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def _segmenter_kwargs(a: argparse.Namespace) -> dict:
+    return dict(backbone=a.backbone, weights=a.weights, input_size=a.size, resize=a.resize,
+                tile_scale=a.tile_scale, feature_stride=a.feature_stride, local_avg=a.local_avg,
+                threshold=a.threshold, device=a.device)
+
+
+def _threads(a: argparse.Namespace) -> None:
+    if getattr(a, "threads", None):
+        import torch
+        torch.set_num_threads(a.threads)
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from .segment_folder import collect_queries, segment_folder
+    from .segmenter import FewShotSegmenter
+    _threads(a)
+    supports = [(Path(i), Path(m)) for i, m in a.support]
+    seg = FewShotSegmenter(method=a.method, **_segmenter_kwargs(a))
+    seg.fit([s[0] for s in supports], [s[1] for s in supports])
+    queries = collect_queries(a.query)
+    res = segment_folder(seg, queries, a.out, progress=not a.no_progress, resume=a.resume, supports=supports)
+    n_def = sum(1 for r in res.rows if r["status"] == "ok" and r["defect_fraction"] > 0)
+    print(f"{len(res.rows) - len(res.errors)} queries segmented ({n_def} with defects), "
+          f"{len(res.errors)} skipped -> {Path(a.out) / 'report.html'}")
+    for r in res.errors:
+        print(f"  skipped {r['file']}: {r['error']}", file=sys.stderr)
+    return 0 if not res.errors else 3
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import BenchConfig, markdown_table, run_bench
+    _threads(a)
+    cfg = BenchConfig(data=Path(a.data), out=Path(a.out), methods=a.method, shots=a.shots, seed=a.seed,
+                      eval_size=a.eval_size, datasets=a.datasets, classes=a.classes,
+                      max_per_class=a.max_per_class, episodes_file=Path(a.episodes) if a.episodes else None,
+                      gallery=a.gallery, segmenter=_segmenter_kwargs(a), progress=not a.no_progress)
+    res = run_bench(cfg)
+    print(markdown_table(res))
+    print(f"-> {Path(a.out) / 'report.html'}")
+    return 0
+
+
+def cmd_datasets(a: argparse.Namespace) -> int:
+    from .data.layouts import scan, validate
+    cat = scan(a.root, a.layout)
+    validate(cat, deep=a.deep, progress=not a.no_progress and a.deep)
+    rows = cat.counts()
+    if a.json:
+        print(json.dumps({"root": str(cat.root), "layout": cat.layout,
+                          "classes": [{"dataset": d, "class": c, "images": n} for d, c, n in rows],
+                          "problems": [str(p) for p in cat.problems]}, indent=1))
+    else:
+        print(f"{cat.root} ({cat.layout} layout)")
+        w = max([len(f"{d}/{c}") for d, c, _ in rows] + [10])
+        for d, c, n in rows:
+            print(f"  {d + '/' + c:<{w}}  {n:5d}")
+        total = sum(n for d, c, n in rows if not c.startswith("("))
+        print(f"  {len(cat.datasets)} datasets, {sum(1 for _, c, _ in rows if not c.startswith('('))} classes, "
+              f"{total} defect images")
+        if cat.problems:
+            print(f"{len(cat.problems)} problems:")
+            for p in cat.problems:
+                print(f"  {p}")
+        else:
+            print("no problems found" + ("" if a.deep else " (headers checked; --deep decodes every file)"))
+    return 1 if cat.problems else 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from .backbones.registry import BACKBONES
+    from .methods.registry import METHODS
+    for title, reg in (("backbones", BACKBONES), ("methods", METHODS)):
+        print(f"{title}:")
+        for n in reg.names():
+            e = reg.entry(n)
+            extra = f"  [needs fdseg[{e.extra}]]" if e.extra else ""
+            print(f"  {n:22s} {e.summary}{extra}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = argparse.ArgumentParser(prog="fdseg", description="Few-shot industrial defect segmentation.")
+    p.add_argument("--version", action="version", version=f"fdseg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment query images from 1..K support images with masks")
+    s.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
+                   help="a support image and its defect mask (repeat for K-shot)")
+    s.add_argument("--query", nargs="+", required=True, help="query image files, folders or globs")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--resume", action="store_true", help="skip queries already finished in OUT")
+    s.add_argument("--no-progress", action="store_true")
+    _add_model_args(s)
+    s.set_defaults(func=cmd_segment)
+
+    b = sub.add_parser("bench", help="evaluate methods with the paper's episode protocol")
+    b.add_argument("--data", required=True, help="dataset root (fdseg, GFDS, MVTec AD or VisA layout)")
+    b.add_argument("--out", default="bench-out", help="output folder (default bench-out); rerun to resume")
+    b.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    b.add_argument("--seed", type=int, default=2, help="episode seed (paper: 2)")
+    b.add_argument("--eval-size", type=int, default=256, help="evaluation resolution (paper 256; 0 = native)")
+    b.add_argument("--datasets", nargs="+", default=None, help="only these datasets")
+    b.add_argument("--classes", nargs="+", default=None, help="only these classes (CLASS or DATASET/CLASS)")
+    b.add_argument("--max-per-class", type=int, default=None, help="first N images of each class only")
+    b.add_argument("--episodes", default=None, help="episode JSON from an earlier run (identical episodes)")
+    b.add_argument("--gallery", type=int, default=3, help="gallery panels per dataset and run (default 3)")
+    b.add_argument("--no-progress", action="store_true")
+    _add_model_args(b, methods_multi=True)
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("datasets", help="list and validate the datasets under a root folder")
+    d.add_argument("root")
+    d.add_argument("--layout", default="auto", choices=["auto", "fdseg", "gfds", "mvtec", "visa"])
+    d.add_argument("--deep", action="store_true", help="decode every image and mask")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_datasets)
+
+    ls = sub.add_parser("list", help="list registered backbones and methods")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FdsegError as e:
+        print(f"fdseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fdseg: interrupted; finished results are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

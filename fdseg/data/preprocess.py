@@ -1,0 +1,109 @@
+"""How an image of any size becomes network input, and how masks follow it.
+
+Three modes, chosen with :class:`Preprocess`:
+
+* ``resize`` (the paper): every image is squeezed to ``size x size``.
+* ``aspect``: the long side becomes ``size``, the short side keeps the aspect
+  ratio (rounded to a multiple of 32, at least 32).
+* ``tile``: the image is scaled by ``scale`` (1.0 = native pixels), rounded to a
+  multiple of 32, and its features are computed tile by tile (``size x size``
+  tiles overlapping by ``overlap`` pixels) and stitched; for line-scan strips
+  such as 4096x256, or any image whose defects are a few dozen pixels wide.
+
+Resizing is bilinear without antialiasing by default, as OpenCV's
+``INTER_LINEAR`` used by the paper's loader; ``antialias=True`` low-pass filters
+on downscaling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+
+MODES = ("resize", "aspect", "tile")
+
+
+def _round_to(x: float, m: int) -> int:
+    return max(m, int(round(x / m)) * m)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    mode: str = "resize"
+    size: int = 256
+    scale: float = 1.0
+    overlap: int = 64
+    multiple: int = 32
+    antialias: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError("--resize", f"unknown resize mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.size < self.multiple or self.size % self.multiple:
+            raise InputError("--size", f"input size must be a multiple of {self.multiple}, got {self.size}")
+        if self.mode == "tile" and not 0 <= self.overlap < self.size // 2:
+            raise InputError("--overlap", f"tile overlap must be in [0, size/2), got {self.overlap}")
+        if self.scale <= 0:
+            raise InputError("--scale", f"scale must be positive, got {self.scale}")
+
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """Network input size (H, W) for an image of h x w pixels."""
+        if self.mode == "resize":
+            return self.size, self.size
+        if self.mode == "aspect":
+            s = self.size / max(h, w)
+            return _round_to(h * s, self.multiple), _round_to(w * s, self.multiple)
+        return _round_to(h * self.scale, self.multiple), _round_to(w * self.scale, self.multiple)
+
+    def tiles(self, H: int, W: int) -> list[tuple[int, int, int, int]]:
+        """(top, left, height, width) windows covering an H x W input."""
+        if self.mode != "tile" or (H <= self.size and W <= self.size):
+            return [(0, 0, H, W)]
+        ys, xs = _starts(H, self.size, self.overlap, self.multiple), _starts(W, self.size, self.overlap, self.multiple)
+        th, tw = min(self.size, H), min(self.size, W)
+        return [(y, x, th, tw) for y in ys for x in xs]
+
+
+def _starts(n: int, size: int, overlap: int, multiple: int) -> list[int]:
+    if n <= size:
+        return [0]
+    step = max(multiple, (size - overlap) // multiple * multiple)
+    starts = list(range(0, n - size, step))
+    starts.append(n - size)          # last tile flush with the far edge
+    return sorted(set(starts))
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 1x3xHxW float32 (0..255)."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                         antialias=antialias and (size[0] < x.shape[-2] or size[1] < x.shape[-1]))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The paper's mask resize: bilinear on 0/255, then > 30."""
+    t = torch.from_numpy(mask.astype(np.float32) * 255.0)[None, None]
+    r = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return (r[0, 0] > 30).numpy()
+
+
+def mask_coverage(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """Fraction of each grid cell covered by the mask (area average), gh x gw."""
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.adaptive_avg_pool2d(t, grid)[0, 0]
+
+
+def upsample_scores(score: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """gh x gw score grid -> H x W (bilinear; cells centred as the features are)."""
+    if tuple(score.shape[-2:]) == tuple(size):
+        return score
+    return F.interpolate(score[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]

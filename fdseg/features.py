@@ -1,0 +1,121 @@
+"""Images -> L2-normalised multi-layer feature grids (the input of every matcher).
+
+Each backbone layer is (optionally) locally averaged, L2-normalised per cell,
+bilinearly resized to one grid of ``input / stride`` cells and concatenated; the
+concatenation is L2-normalised again so that a dot product is a cosine.
+Large inputs in ``tile`` mode are processed tile by tile and stitched, each grid
+cell taken from the tile whose centre is nearest (no seams from padding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones.base import Backbone
+from .data.preprocess import Preprocess, resize_image, to_tensor
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    stride: int = 4          # grid cell size in network-input pixels (256 input -> 64 x 64 grid)
+    local_avg: int = 1       # k x k average of each layer before normalising (1 = off)
+
+    def __post_init__(self):
+        if self.stride not in (1, 2, 4, 8, 16, 32):
+            raise InputError("--feature-stride", f"must be a power of two up to 32, got {self.stride}")
+        if self.local_avg < 1 or self.local_avg % 2 == 0:
+            raise InputError("--local-avg", f"must be an odd number >= 1, got {self.local_avg}")
+
+
+def combine_layers(maps: list[torch.Tensor], grid: tuple[int, int], local_avg: int = 1) -> torch.Tensor:
+    """B x C_i x h_i x w_i maps -> B x sum(C_i) x gh x gw unit-norm features."""
+    outs = []
+    for m in maps:
+        m = m.float()
+        if local_avg > 1:
+            m = F.avg_pool2d(m, local_avg, stride=1, padding=local_avg // 2, count_include_pad=False)
+        m = F.normalize(m, dim=1)
+        if tuple(m.shape[-2:]) != tuple(grid):
+            m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+        outs.append(m)
+    return F.normalize(torch.cat(outs, 1), dim=1)
+
+
+def _owners(starts: list[int], size: int, n: int, stride: int) -> list[tuple[int, int]]:
+    """For tiles starting at ``starts`` along an axis of n input pixels, the grid
+    range [a, b) each tile owns (split at the middle of each overlap)."""
+    bounds = [0]
+    for s0, s1 in zip(starts, starts[1:]):
+        mid = (s1 + s0 + size) // 2
+        bounds.append(int(round(mid / stride)))
+    bounds.append(n // stride)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class FeatureExtractor:
+    """Backbone + preprocessing + grid: ``rgb uint8 HxWx3 -> C x gh x gw``."""
+
+    def __init__(self, backbone: Backbone, preprocess: Preprocess | None = None,
+                 config: FeatureConfig | None = None, device: str | torch.device = "cpu"):
+        self.backbone = backbone
+        self.preprocess = preprocess or Preprocess()
+        self.config = config or FeatureConfig()
+        self.device = torch.device(device)
+        self.backbone.to(self.device)
+        if self.preprocess.size % self.config.stride:
+            raise InputError("--feature-stride", "input size must be a multiple of the feature stride")
+
+    @property
+    def channels(self) -> int:
+        return int(sum(self.backbone.channels))
+
+    def grid_size(self, h: int, w: int) -> tuple[int, int]:
+        H, W = self.preprocess.input_size(h, w)
+        return H // self.config.stride, W // self.config.stride
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input B x 3 x H x W -> B x C x H/stride x W/stride."""
+        grid = (x.shape[-2] // self.config.stride, x.shape[-1] // self.config.stride)
+        return combine_layers(self.backbone(x), grid, self.config.local_avg)
+
+    @torch.inference_mode()
+    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+        return self.batch([rgb])[0]
+
+    @torch.inference_mode()
+    def batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """Features of several images; same-size inputs are run as one batch."""
+        out: list[torch.Tensor | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            by_size.setdefault(self.preprocess.input_size(*im.shape[:2]), []).append(i)
+        for (H, W), idx in by_size.items():
+            xs = [resize_image(to_tensor(images[i]), (H, W), self.preprocess.antialias) for i in idx]
+            x = self.backbone.normalize(torch.cat(xs).to(self.device))
+            tiles = self.preprocess.tiles(H, W)
+            feats = self._forward(x) if len(tiles) == 1 else self._tiled(x, tiles)
+            for j, i in enumerate(idx):
+                out[i] = feats[j]
+        return out  # type: ignore[return-value]
+
+    def _tiled(self, x: torch.Tensor, tiles: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        s = self.config.stride
+        H, W = x.shape[-2:]
+        ys = sorted({t[0] for t in tiles})
+        xs = sorted({t[1] for t in tiles})
+        th, tw = tiles[0][2], tiles[0][3]
+        own_y, own_x = _owners(ys, th, H, s), _owners(xs, tw, W, s)
+        out = None
+        for iy, y0 in enumerate(ys):
+            for ix, x0 in enumerate(xs):
+                f = self._forward(x[:, :, y0:y0 + th, x0:x0 + tw])
+                if out is None:
+                    out = f.new_zeros((x.shape[0], f.shape[1], H // s, W // s))
+                (a, b), (c, d) = own_y[iy], own_x[ix]
+                gy, gx = y0 // s, x0 // s
+                out[:, :, a:b, c:d] = f[:, :, a - gy:b - gy, c - gx:d - gx]
+        return out

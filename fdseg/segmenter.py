@@ -1,0 +1,182 @@
+"""FewShotSegmenter: build once, ``fit`` on the supports once, ``predict`` many queries.
+
+    seg = FewShotSegmenter(backbone="efficientnet_lite0", method="fm")
+    seg.fit([support_image], [support_mask])        # arrays or paths
+    pred = seg.predict(query_image)                  # -> Prediction
+    pred.mask, pred.score, pred.boxes
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import create_backbone
+from .data.images import DEFAULT_MAX_PIXELS, ImageLike, check_support_mask, load_image, load_mask
+from .data.preprocess import Preprocess, mask_coverage, upsample_scores
+from .errors import InputError
+from .features import FeatureConfig, FeatureExtractor
+from .methods import Query, Support, create_method
+
+
+def _name(x: ImageLike, i: int, what: str) -> str:
+    return str(x) if isinstance(x, (str, Path)) else f"{what} {i + 1}"
+
+
+def connected_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (x0, y0, x1, y1; x1/y1 exclusive) of the 8-connected components."""
+    from scipy import ndimage
+    if not mask.any():
+        return []
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    boxes = []
+    for sl in ndimage.find_objects(lab):
+        if sl is not None:
+            boxes.append((int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop)))
+    return boxes
+
+
+@dataclass
+class Prediction:
+    """One query's result at the query's original resolution."""
+
+    mask: np.ndarray                 # H x W bool
+    score: np.ndarray                # H x W float32 in [0, 1]; 0.5 is the decision boundary
+    margin_grid: np.ndarray          # the method's raw margins on its own grid (> threshold = defect)
+    source: str = ""
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def defect_fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    @property
+    def max_score(self) -> float:
+        return float(self.score.max()) if self.score.size else 0.0
+
+
+class FewShotSegmenter:
+    """Few-shot defect segmenter.
+
+    Parameters
+    ----------
+    backbone, method:
+        registry names (``fdseg.list_backbones()``, ``fdseg.list_methods()``).
+    input_size, resize, tile_scale, tile_overlap, antialias:
+        preprocessing (:class:`fdseg.data.preprocess.Preprocess`); the paper squeezes
+        every image to 256 x 256 (``resize="resize"``).
+    feature_stride, local_avg:
+        feature grid (:class:`fdseg.features.FeatureConfig`); stride 4 = 64 x 64 cells at 256.
+    threshold:
+        margin above which a pixel is defect (0 = the paper's argmax).
+    weights:
+        backbone weights path (None = the backbone's shipped or default weights).
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", method: str = "fm", *,
+                 input_size: int = 256, resize: str = "resize", tile_scale: float = 1.0,
+                 tile_overlap: int = 64, antialias: bool = False, feature_stride: int = 4,
+                 local_avg: int = 1, threshold: float = 0.0, device: str = "cpu",
+                 weights: str | Path | None = None, backbone_options: dict | None = None,
+                 method_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.settings = dict(backbone=backbone, method=method, input_size=input_size, resize=resize,
+                             tile_scale=tile_scale, tile_overlap=tile_overlap, antialias=antialias,
+                             feature_stride=feature_stride, local_avg=local_avg, threshold=threshold,
+                             weights=None if weights is None else str(weights),
+                             backbone_options=dict(backbone_options or {}),
+                             method_options=dict(method_options or {}))
+        self.device = torch.device(_pick_device(device))
+        self.preprocess = Preprocess(mode=resize, size=input_size, scale=tile_scale,
+                                     overlap=tile_overlap, antialias=antialias)
+        self.method = create_method(method, **(method_options or {}))
+        self.threshold = float(threshold)
+        self.max_pixels = max_pixels
+        self.extractor: FeatureExtractor | None = None
+        if getattr(self.method, "uses_features", True):
+            bb = create_backbone(backbone, weights=weights, **(backbone_options or {}))
+            self.extractor = FeatureExtractor(bb, self.preprocess, FeatureConfig(feature_stride, local_avg),
+                                              self.device)
+        if hasattr(self.method, "to"):
+            self.method.to(self.device)
+        self.n_supports = 0
+
+    # -- inputs -----------------------------------------------------------------
+    @property
+    def min_size(self) -> int:
+        return self.extractor.backbone.min_input_size if self.extractor else 1
+
+    def load(self, image: ImageLike, name: str | None = None) -> np.ndarray:
+        return load_image(image, max_pixels=self.max_pixels, min_size=self.min_size, name=name)
+
+    # -- fit --------------------------------------------------------------------
+    def fit(self, images: ImageLike | Sequence[ImageLike], masks: ImageLike | Sequence[ImageLike]) -> "FewShotSegmenter":
+        """Learn the defect from K support images and their masks (K >= 1)."""
+        if not isinstance(images, (list, tuple)):
+            images, masks = [images], [masks]
+        if not isinstance(masks, (list, tuple)) or len(images) != len(masks):
+            raise InputError("supports", f"need one mask per support image, got {len(images)} images "
+                                         f"and {len(masks) if isinstance(masks, (list, tuple)) else 1} masks")
+        if not images:
+            raise InputError("supports", "need at least one support image with its mask")
+        rgbs, ms = [], []
+        for i, (im, m) in enumerate(zip(images, masks)):
+            rgb = self.load(im, _name(im, i, "support image"))
+            mask = load_mask(m, size=rgb.shape[:2], max_pixels=self.max_pixels, name=_name(m, i, "support mask"))
+            check_support_mask(mask, _name(m, i, "support mask"))
+            rgbs.append(rgb)
+            ms.append(mask)
+        supports = self._supports(rgbs, ms)
+        self.method.fit(supports)
+        self.n_supports = len(supports)
+        return self
+
+    def _supports(self, rgbs: list[np.ndarray], masks: list[np.ndarray]) -> list[Support]:
+        if self.extractor is None:
+            return [Support(r, m, None, None) for r, m in zip(rgbs, masks)]
+        feats = self.extractor.batch(rgbs)
+        return [Support(r, m, f, mask_coverage(m, tuple(f.shape[-2:])).to(f.device))
+                for r, m, f in zip(rgbs, masks, feats)]
+
+    # -- predict ----------------------------------------------------------------
+    @torch.inference_mode()
+    def margins(self, image: ImageLike, name: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Raw margin grid of one query and the query's (H, W)."""
+        if self.n_supports == 0:
+            raise RuntimeError("call fit(support_images, support_masks) before predict()")
+        rgb = self.load(image, name)
+        feats = self.extractor(rgb) if self.extractor is not None else None
+        m = self.method.score(Query(rgb, feats))
+        return m.float().cpu(), rgb.shape[:2]
+
+    def _finish(self, margin: torch.Tensor, size: tuple[int, int], source: str) -> Prediction:
+        full = upsample_scores(margin, size)
+        mask = (full > self.threshold).numpy()
+        score = torch.sigmoid((full - self.threshold) / self.method.temperature).numpy().astype(np.float32)
+        return Prediction(mask, score, margin.numpy(), source, connected_boxes(mask))
+
+    def predict(self, images: ImageLike | Sequence[ImageLike]) -> Prediction | list[Prediction]:
+        """One query -> :class:`Prediction`; a list of queries -> a list."""
+        if isinstance(images, (list, tuple)):
+            return list(self.predict_iter(images))
+        return next(self.predict_iter([images]))
+
+    def predict_iter(self, images: Iterable[ImageLike]) -> Iterator[Prediction]:
+        """Stream predictions for any iterable of queries."""
+        for i, im in enumerate(images):
+            name = _name(im, i, "query image")
+            margin, size = self.margins(im, name)
+            yield self._finish(margin, size, name)
+
+    def describe(self) -> dict:
+        return {**self.settings, "device": str(self.device), "supports": self.n_supports}
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device", "CUDA was asked for but torch sees no GPU")
+    return device
