@@ -46,6 +46,7 @@ class BenchConfig:
     gallery: int = 3                     # gallery panels per (method, shots, dataset)
     segmenter: dict = field(default_factory=dict)   # FewShotSegmenter keyword arguments
     progress: bool = True
+    cache_size: int = 64                 # feature grids kept per run (exact; 0 = the paper's re-extracting loop)
 
 
 def _peak_rss_mb() -> float:
@@ -162,7 +163,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                "segmenter": cfg.segmenter, "runs": []}
     classes = {ds: sorted(c) for ds, c in cat.classes.items()}
     for method in cfg.methods:
-        seg = FewShotSegmenter(method=method, **cfg.segmenter)
+        seg = FewShotSegmenter(method=method, cache_size=cfg.cache_size, **cfg.segmenter)
         for k in cfg.shots:
             results["runs"].append(_bench_one(cfg, seg, method, k, episodes_by_k[k], root, classes, out))
     _write_outputs(results, out, cat)

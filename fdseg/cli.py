@@ -27,12 +27,37 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
     g.add_argument("--threshold", type=float, default=0.0, help="margin threshold (default 0 = argmax)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--batch-size", type=int, default=4, help="queries per backbone batch (default 4)")
+    g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method setting, repeatable; fm: precision=auto|fp32|bf16, bg_coreset=0.25 "
+                        "(fraction or count of background cells kept), fg_min=0")
+
+
+def _option_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _method_options(items: list[str]) -> dict:
+    from .errors import InputError
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise InputError("--method-option", f"expected KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k.strip()] = _option_value(v.strip())
+    return out
 
 
 def _segmenter_kwargs(a: argparse.Namespace) -> dict:
-    return dict(backbone=a.backbone, weights=a.weights, input_size=a.size, resize=a.resize,
-                tile_scale=a.tile_scale, feature_stride=a.feature_stride, local_avg=a.local_avg,
-                threshold=a.threshold, device=a.device)
+    kw = dict(backbone=a.backbone, weights=a.weights, input_size=a.size, resize=a.resize,
+              tile_scale=a.tile_scale, feature_stride=a.feature_stride, local_avg=a.local_avg,
+              threshold=a.threshold, device=a.device)
+    if a.method_option:
+        kw["method_options"] = _method_options(a.method_option)
+    return kw
 
 
 def _threads(a: argparse.Namespace) -> None:
@@ -46,7 +71,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from .segmenter import FewShotSegmenter
     _threads(a)
     supports = [(Path(i), Path(m)) for i, m in a.support]
-    seg = FewShotSegmenter(method=a.method, **_segmenter_kwargs(a))
+    seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size, **_segmenter_kwargs(a))
     seg.fit([s[0] for s in supports], [s[1] for s in supports])
     queries = collect_queries(a.query)
     res = segment_folder(seg, queries, a.out, progress=not a.no_progress, resume=a.resume, supports=supports)
@@ -64,7 +89,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     cfg = BenchConfig(data=Path(a.data), out=Path(a.out), methods=a.method, shots=a.shots, seed=a.seed,
                       eval_size=a.eval_size, datasets=a.datasets, classes=a.classes,
                       max_per_class=a.max_per_class, episodes_file=Path(a.episodes) if a.episodes else None,
-                      gallery=a.gallery, segmenter=_segmenter_kwargs(a), progress=not a.no_progress)
+                      gallery=a.gallery, segmenter=_segmenter_kwargs(a), progress=not a.no_progress,
+                      cache_size=0 if a.no_cache else 64)
     res = run_bench(cfg)
     print(markdown_table(res))
     print(f"-> {Path(a.out) / 'report.html'}")
@@ -95,6 +121,13 @@ def cmd_datasets(a: argparse.Namespace) -> int:
         else:
             print("no problems found" + ("" if a.deep else " (headers checked; --deep decodes every file)"))
     return 1 if cat.problems else 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_onnx
+    out = export_onnx(a.backbone, a.out, weights=a.weights, opset=a.opset)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); use it with --backbone onnx --weights {out}")
+    return 0
 
 
 def cmd_list(a: argparse.Namespace) -> int:
@@ -137,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--episodes", default=None, help="episode JSON from an earlier run (identical episodes)")
     b.add_argument("--gallery", type=int, default=3, help="gallery panels per dataset and run (default 3)")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-cache", action="store_true",
+                   help="recompute every support's features in every episode (the paper's loop; for timing)")
     _add_model_args(b, methods_multi=True)
     b.set_defaults(func=cmd_bench)
 
@@ -147,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_datasets)
+
+    e = sub.add_parser("export", help="export a backbone to ONNX (run it with --backbone onnx --weights F)")
+    e.add_argument("--backbone", default="efficientnet_lite0")
+    e.add_argument("--weights", default=None, help="backbone weights (default: the backbone's own)")
+    e.add_argument("--format", default="onnx", choices=["onnx"])
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--out", required=True, help="output .onnx file")
+    e.set_defaults(func=cmd_export)
 
     ls = sub.add_parser("list", help="list registered backbones and methods")
     ls.set_defaults(func=cmd_list)

@@ -71,6 +71,13 @@ class FolderResult:
         return [r for r in self.rows if r["status"] != "ok"]
 
 
+def write_outputs(out: Path, name: str, pred: Prediction, rgb: np.ndarray) -> None:
+    """The three images of one query, each written atomically."""
+    write_png(out / "masks" / f"{name}.png", pred.mask)
+    write_png(out / "scores" / f"{name}.png", np.round(pred.score * 255).astype(np.uint8))
+    write_jpeg(out / "overlays" / f"{name}.jpg", overlay(rgb, pred.mask))
+
+
 def _row(name: str, path: Path, pred: Prediction | None, error: str | None = None) -> dict:
     if pred is None:
         return {"query": name, "file": str(path), "width": None, "height": None, "defect_fraction": None,
@@ -103,14 +110,13 @@ def segment_folder(seg: FewShotSegmenter, queries: list[Path], out: str | Path, 
         from tqdm import tqdm
         bar = tqdm(total=len(queries), initial=len(queries) - len(todo), desc="segment", unit="img", dynamic_ncols=True)
     with open(log_path, "a", encoding="utf-8") as log:
-        for name, q in todo:
+        # predict_stream yields in input order, one result per query
+        for (name, q), (_, res) in zip(todo, seg.predict_stream([q for _, q in todo])):
             try:
-                pred = seg.predict(q)
-                rgb = seg.load(q)
-                write_png(out / "masks" / f"{name}.png", pred.mask)
-                write_png(out / "scores" / f"{name}.png", np.round(pred.score * 255).astype(np.uint8))
-                write_jpeg(out / "overlays" / f"{name}.jpg", overlay(rgb, pred.mask))
-                row = _row(name, q, pred)
+                if isinstance(res, BaseException):
+                    raise res
+                write_outputs(out, name, res, res.image if res.image is not None else seg.load(q))
+                row = _row(name, q, res)
             except FdsegError as e:
                 row = _row(name, q, None, str(e))
             log.write(json.dumps(row) + "\n")

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -17,7 +19,8 @@ import torch
 from .backbones import create_backbone
 from .data.images import DEFAULT_MAX_PIXELS, ImageLike, check_support_mask, load_image, load_mask
 from .data.preprocess import Preprocess, mask_coverage, upsample_scores
-from .errors import InputError
+from .errors import FdsegError, InputError
+from .feature_cache import FeatureCache, file_key
 from .features import FeatureConfig, FeatureExtractor
 from .methods import Query, Support, create_method
 
@@ -48,6 +51,7 @@ class Prediction:
     margin_grid: np.ndarray          # the method's raw margins on its own grid (> threshold = defect)
     source: str = ""
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    image: np.ndarray | None = field(default=None, repr=False)   # the query as loaded (RGB), if decoded
 
     @property
     def defect_fraction(self) -> float:
@@ -74,6 +78,12 @@ class FewShotSegmenter:
         margin above which a pixel is defect (0 = the paper's argmax).
     weights:
         backbone weights path (None = the backbone's shipped or default weights).
+    cache_size:
+        feature grids of up to this many image files kept (LRU) so a file seen again
+        is not decoded or run through the backbone again (0 = off).
+    batch_size, loader_threads:
+        queries run through the backbone together in batches; images are decoded by a
+        small thread pool ahead of the compute.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", method: str = "fm", *,
@@ -81,7 +91,8 @@ class FewShotSegmenter:
                  tile_overlap: int = 64, antialias: bool = False, feature_stride: int = 4,
                  local_avg: int = 1, threshold: float = 0.0, device: str = "cpu",
                  weights: str | Path | None = None, backbone_options: dict | None = None,
-                 method_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 method_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2):
         self.settings = dict(backbone=backbone, method=method, input_size=input_size, resize=resize,
                              tile_scale=tile_scale, tile_overlap=tile_overlap, antialias=antialias,
                              feature_stride=feature_stride, local_avg=local_avg, threshold=threshold,
@@ -102,6 +113,9 @@ class FewShotSegmenter:
         if hasattr(self.method, "to"):
             self.method.to(self.device)
         self.n_supports = 0
+        self.cache = FeatureCache(cache_size)
+        self.batch_size = max(1, int(batch_size))
+        self.loader_threads = max(1, int(loader_threads))
 
     # -- inputs -----------------------------------------------------------------
     @property
@@ -121,41 +135,63 @@ class FewShotSegmenter:
                                          f"and {len(masks) if isinstance(masks, (list, tuple)) else 1} masks")
         if not images:
             raise InputError("supports", "need at least one support image with its mask")
-        rgbs, ms = [], []
-        for i, (im, m) in enumerate(zip(images, masks)):
-            rgb = self.load(im, _name(im, i, "support image"))
-            mask = load_mask(m, size=rgb.shape[:2], max_pixels=self.max_pixels, name=_name(m, i, "support mask"))
+        loaded = [self._load(im, _name(im, i, "support image")) for i, im in enumerate(images)]
+        self._ensure_features(loaded)
+        supports = []
+        for i, (m, (rgb, feats, size, key)) in enumerate(zip(masks, loaded)):
+            mask = load_mask(m, size=size, max_pixels=self.max_pixels, name=_name(m, i, "support mask"))
             check_support_mask(mask, _name(m, i, "support mask"))
-            rgbs.append(rgb)
-            ms.append(mask)
-        supports = self._supports(rgbs, ms)
+            cov = mask_coverage(mask, tuple(feats.shape[-2:])).to(feats.device) if feats is not None else None
+            supports.append(Support(rgb, mask, feats, cov))
         self.method.fit(supports)
         self.n_supports = len(supports)
         return self
 
-    def _supports(self, rgbs: list[np.ndarray], masks: list[np.ndarray]) -> list[Support]:
+    # -- loading + features (shared by fit and predict) ------------------------
+    def _needs_image(self) -> bool:
+        return self.extractor is None or getattr(self.method, "needs_image", False)
+
+    def _load(self, image: ImageLike, name: str):
+        """-> [rgb or None, features or None, (H, W), cache key]; a cached file is not decoded."""
+        key = file_key(image) if isinstance(image, (str, Path)) and self.extractor is not None else None
+        hit = self.cache.get(key)
+        if hit is not None and not self._needs_image():
+            return [None, hit[0], hit[1], key]
+        rgb = self.load(image, name)
+        return [rgb, hit[0] if hit else None, rgb.shape[:2], key]
+
+    def _ensure_features(self, loaded: list[list]) -> None:
+        """Run the backbone (batched) on the loaded items that have no features yet."""
         if self.extractor is None:
-            return [Support(r, m, None, None) for r, m in zip(rgbs, masks)]
-        feats = self.extractor.batch(rgbs)
-        return [Support(r, m, f, mask_coverage(m, tuple(f.shape[-2:])).to(f.device))
-                for r, m, f in zip(rgbs, masks, feats)]
+            return
+        todo = [it for it in loaded if it[1] is None]
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i:i + self.batch_size]
+            for it, f in zip(chunk, self.extractor.batch([it[0] for it in chunk])):
+                it[1] = f
+                self.cache.put(it[3], f, it[2])
 
     # -- predict ----------------------------------------------------------------
-    @torch.inference_mode()
-    def margins(self, image: ImageLike, name: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Raw margin grid of one query and the query's (H, W)."""
+    def _check_fitted(self) -> None:
         if self.n_supports == 0:
             raise RuntimeError("call fit(support_images, support_masks) before predict()")
-        rgb = self.load(image, name)
-        feats = self.extractor(rgb) if self.extractor is not None else None
-        m = self.method.score(Query(rgb, feats))
-        return m.float().cpu(), rgb.shape[:2]
 
-    def _finish(self, margin: torch.Tensor, size: tuple[int, int], source: str) -> Prediction:
-        full = upsample_scores(margin, size)
-        mask = (full > self.threshold).numpy()
-        score = torch.sigmoid((full - self.threshold) / self.method.temperature).numpy().astype(np.float32)
-        return Prediction(mask, score, margin.numpy(), source, connected_boxes(mask))
+    @torch.inference_mode()
+    def margins(self, image: ImageLike, name: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Raw margin grid of one query (on the CPU) and the query's (H, W)."""
+        self._check_fitted()
+        item = self._load(image, name or _name(image, 0, "query image"))
+        self._ensure_features([item])
+        return self.method.score(Query(item[0], item[1])).float().cpu(), item[2]
+
+    def _finish(self, margin: torch.Tensor, size: tuple[int, int], source: str,
+                image: np.ndarray | None = None) -> Prediction:
+        full = upsample_scores(margin.float(), size)
+        mask_t = full > self.threshold
+        score = torch.sigmoid((full - self.threshold) / self.method.temperature)
+        mask = mask_t.cpu().numpy()
+        return Prediction(mask, score.cpu().numpy().astype(np.float32, copy=False), margin.float().cpu().numpy(),
+                          source, connected_boxes(mask), image)
 
     def predict(self, images: ImageLike | Sequence[ImageLike]) -> Prediction | list[Prediction]:
         """One query -> :class:`Prediction`; a list of queries -> a list."""
@@ -164,14 +200,55 @@ class FewShotSegmenter:
         return next(self.predict_iter([images]))
 
     def predict_iter(self, images: Iterable[ImageLike]) -> Iterator[Prediction]:
-        """Stream predictions for any iterable of queries."""
-        for i, im in enumerate(images):
-            name = _name(im, i, "query image")
-            margin, size = self.margins(im, name)
-            yield self._finish(margin, size, name)
+        """Stream predictions for any iterable of queries, in order (raises on a bad query)."""
+        for _, res in self.predict_stream(images):
+            if isinstance(res, BaseException):
+                raise res
+            yield res
+
+    @torch.inference_mode()
+    def predict_stream(self, images: Iterable[ImageLike]) -> Iterator[tuple[str, Prediction | FdsegError]]:
+        """Like :meth:`predict_iter`, but a bad query yields ``(name, error)`` and the stream goes on.
+
+        Queries are decoded by ``loader_threads`` threads while earlier ones are being
+        computed, and run through the backbone ``batch_size`` at a time."""
+        self._check_fitted()
+        ahead = 2 * self.batch_size
+        src = iter(enumerate(images))
+        with ThreadPoolExecutor(self.loader_threads, thread_name_prefix="fdseg-load") as pool:
+            pending: deque = deque()
+
+            def refill() -> None:
+                while len(pending) < ahead:
+                    try:
+                        i, im = next(src)
+                    except StopIteration:
+                        return
+                    name = _name(im, i, "query image")
+                    pending.append((name, pool.submit(self._load, im, name)))
+
+            refill()
+            while pending:
+                batch = []
+                while pending and len(batch) < self.batch_size:
+                    name, fut = pending.popleft()
+                    try:
+                        batch.append((name, fut.result()))
+                    except FdsegError as e:
+                        batch.append((name, e))
+                refill()
+                ok = [it for _, it in batch if not isinstance(it, BaseException)]
+                self._ensure_features(ok)
+                for name, it in batch:
+                    if isinstance(it, BaseException):
+                        yield name, it
+                        continue
+                    margin = self.method.score(Query(it[0], it[1]))
+                    yield name, self._finish(margin, it[2], name, it[0])
 
     def describe(self) -> dict:
-        return {**self.settings, "device": str(self.device), "supports": self.n_supports}
+        return {**self.settings, "device": str(self.device), "supports": self.n_supports,
+                **({"matching": self.method.describe()} if self.n_supports else {})}
 
 
 def _pick_device(device: str) -> str:

@@ -36,8 +36,13 @@ class SameConv2d(nn.Conv2d):
         ih, iw = x.shape[-2:]
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
-        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if ih % sh == 0 and iw % sw == 0:
+            # the usual case (inputs are multiples of 32): the padding does not depend on
+            # the size, which keeps traced / exported graphs valid for every such size
+            ph, pw = max(kh - sh, 0), max(kw - sw, 0)
+        else:
+            ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+            pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
         if ph or pw:
             x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)

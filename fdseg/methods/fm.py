@@ -2,8 +2,14 @@
 
 Every query cell takes its highest cosine similarity to all support foreground
 cells and to all support background cells (the K supports' cells pooled); the
-margin ``max_fg - max_bg`` is > 0 where foreground wins (argmax). The similarity
-is computed in chunks of query cells, so memory stays bounded for any K and grid.
+margin ``max_fg - max_bg`` is > 0 where foreground wins (argmax).
+
+Speed options (see BENCHMARKS.md for what they cost and save):
+
+* ``precision``: 'auto' (bf16 matmul only where the hardware makes it fast), 'fp32', 'bf16'.
+* ``bg_coreset``: keep only part of the background bank, chosen by greedy k-center
+  (PatchCore). A float in (0, 1] keeps that fraction, an int that many cells,
+  None keeps all (exact).
 """
 from __future__ import annotations
 
@@ -11,26 +17,30 @@ import torch
 
 from .base import Method, Query, Support, support_cells
 from .registry import register_method
+from .similarity import DEFAULT_CHUNK, greedy_coreset, max_similarity
 from ..errors import InputError
+from ..hardware import matmul_dtype
 
 
-def max_similarity(q: torch.Tensor, bank: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
-    """q: M x C, bank: N x C (unit norm) -> M, the max cosine of each row of q.
-
-    Computed ``chunk`` similarities at a time (16 MB in fp32 by default)."""
-    out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
-    step = max(1, chunk // max(1, bank.shape[0]))
-    for i in range(0, q.shape[0], step):
-        out[i:i + step] = (q[i:i + step] @ bank.T).amax(dim=1)
-    return out
+def coreset_size(n: int, spec: float | int | None) -> int:
+    if spec is None:
+        return n
+    if isinstance(spec, float) and 0 < spec <= 1:
+        return max(1, min(n, int(round(n * spec))))
+    if isinstance(spec, int) and spec > 0:
+        return min(n, spec)
+    raise InputError("bg_coreset", f"expected a fraction in (0, 1] or a positive count, got {spec!r}")
 
 
 @register_method("fm", summary="feature matching: max cosine to support foreground vs background cells (paper)")
 class FeatureMatching(Method):
     temperature = 0.05
 
-    def __init__(self, fg_min: float = 0.0, chunk: int = 1 << 22):
-        self.fg_min, self.chunk = fg_min, chunk
+    def __init__(self, fg_min: float = 0.0, chunk: int = DEFAULT_CHUNK, precision: str = "auto",
+                 bg_coreset: float | int | None = None, seed: int = 0):
+        self.fg_min, self.chunk, self.precision = fg_min, chunk, precision
+        self.bg_coreset, self.seed = bg_coreset, seed
+        matmul_dtype(precision)   # validate early
         self.fg: torch.Tensor | None = None
         self.bg: torch.Tensor | None = None
 
@@ -41,18 +51,25 @@ class FeatureMatching(Method):
             fg, bg = support_cells(s.coverage, self.fg_min)
             fgs.append(f[fg])
             bgs.append(f[bg])
-        self.fg, self.bg = torch.cat(fgs), torch.cat(bgs)
-        if not len(self.fg) or not len(self.bg):
+        fg, bg = torch.cat(fgs), torch.cat(bgs)
+        if not len(fg) or not len(bg):
             raise InputError("supports", "supports give no foreground or no background feature cells")
+        k = coreset_size(len(bg), self.bg_coreset)
+        if k < len(bg):
+            bg = bg[greedy_coreset(bg, k, self.seed)]
+        self.fg, self.bg = fg.contiguous(), bg.contiguous()
+        self.dtype = matmul_dtype(self.precision, fg.device)
 
     def score(self, query: Query) -> torch.Tensor:
         if self.fg is None:
             raise RuntimeError("fit() the method before scoring")
         c, h, w = query.features.shape
         q = query.features.flatten(1).T
-        margin = max_similarity(q, self.fg, self.chunk) - max_similarity(q, self.bg, self.chunk)
+        margin = (max_similarity(q, self.fg, self.chunk, self.dtype)
+                  - max_similarity(q, self.bg, self.chunk, self.dtype))
         return margin.view(h, w)
 
     def describe(self) -> dict:
         return {"method": self.name, "fg_cells": int(len(self.fg)) if self.fg is not None else 0,
-                "bg_cells": int(len(self.bg)) if self.bg is not None else 0}
+                "bg_cells": int(len(self.bg)) if self.bg is not None else 0,
+                "matmul": str(getattr(self, "dtype", "")).replace("torch.", "")}
