@@ -136,6 +136,8 @@ def test_session_fit_once_predict_many_zip_save_open(client, pairs, monkeypatch)
         masks[q.stem] = _mask_of(r.json()["results"][0])
     assert calls["fit"] == 1                                                    # fitted once
     assert client.get(f"/v1/sessions/{sid}").json()["results"] == 3
+    r = client.post(f"/v1/sessions/{sid}/segment", files=[_file("query", pairs[5][0])], data={"keep": "false"})
+    assert r.status_code == 200 and client.get(f"/v1/sessions/{sid}").json()["results"] == 3   # not kept
     # supports can be read back (the web app reopens sessions this way)
     sm = np.array(Image.open(io.BytesIO(client.get(f"/v1/sessions/{sid}/supports/1/mask").content))) > 0
     assert (sm == (np.array(Image.open(pairs[0][1])) > 0)).all()

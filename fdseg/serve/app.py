@@ -64,6 +64,15 @@ def _error(status: int, source: str | None, problem: str) -> JSONResponse:
     return JSONResponse({"error": msg, "source": source, "problem": problem}, status_code=status)
 
 
+def _flag(text: dict[str, str], name: str, default: bool) -> bool:
+    v = text.get(name, "").strip().lower()
+    if v == "":
+        return default
+    if v not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise UploadError(name, f"must be true or false, got {v!r}")
+    return v in ("1", "true", "yes", "on")
+
+
 def _multipart_doc(fields: dict[str, tuple[str, str]], required: list[str]) -> dict:
     """openapi_extra for an endpoint that reads its multipart body itself."""
     props = {}
@@ -90,6 +99,8 @@ _OUTPUT_DOC = {
     "mask_format": ("string", "png (base64 PNG, 0/255) | rle (COCO uncompressed, column-major) | none"),
     "overlay": ("boolean", "also return the mask drawn on the query as base64 JPEG"),
 }
+_KEEP_DOC = {"keep": ("boolean", "keep the mask, score map and overlay for results.zip (default true; false "
+                                  "saves the encoding time)")}
 _SUPPORT_DOC = {"support": ("files", "support images, 1..5, repeat the field"),
                 "mask": ("files", "one defect mask per support, same order and size (non-zero = defect)")}
 _QUERY_DOC = {"query": ("files", "query images, repeat the field")}
@@ -196,10 +207,7 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
         fmt = text.get("mask_format", "png").strip().lower() or "png"
         if fmt not in MASK_FORMATS:
             raise UploadError("mask_format", f"must be one of {', '.join(MASK_FORMATS)}, got {fmt!r}")
-        ov = text.get("overlay", "false").strip().lower()
-        if ov not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
-            raise UploadError("overlay", f"must be true or false, got {ov!r}")
-        return fmt, ov in ("1", "true", "yes", "on")
+        return fmt, _flag(text, "overlay", False)
 
     max_all = 2 * config.max_supports + config.max_queries
 
@@ -265,7 +273,7 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
 
     @app.post("/v1/sessions/{sid}/segment", tags=["sessions"],
               summary="segment queries against a fitted session (fit once, predict many)",
-              openapi_extra=_multipart_doc({**_QUERY_DOC, **_OUTPUT_DOC}, ["query"]))
+              openapi_extra=_multipart_doc({**_QUERY_DOC, **_OUTPUT_DOC, **_KEEP_DOC}, ["query"]))
     async def session_segment(sid: str, request: Request):
         session = engine.get(sid)
         files, text = await read_form(request, config.max_queries)
@@ -273,8 +281,9 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
             raise UploadError("support", "this session is already fitted: send only 'query' files "
                                          "(create a new session for other supports)")
         fmt, want_overlay = output_opts(text)
+        keep = _flag(text, "keep", True)
         results = await engine.run(engine.segment, session, files.get("query", []), mask_format=fmt,
-                                   want_overlay=want_overlay, store=True)
+                                   want_overlay=want_overlay, store=keep)
         return {"session": sid, "results": results}
 
     @app.get("/v1/sessions/{sid}/results.zip", tags=["sessions"],

@@ -367,7 +367,7 @@ class Engine:
             if want_overlay:
                 res["overlay_jpeg"] = b64(ov)
             if store:
-                score_png = png_bytes(np.round(pred.score * 255).astype(np.uint8))
+                score_png = png_bytes(np.round(pred.score * 255).astype(np.uint8), level=1)
                 with session.lock:
                     session.results.pop(q.name, None)
                     session.results[q.name] = StoredResult(row, mask_png, score_png, ov)

@@ -124,12 +124,13 @@ def image_format(data: bytes) -> str:
 
 # -- encodings --------------------------------------------------------------------------------
 
-def png_bytes(a: np.ndarray) -> bytes:
+def png_bytes(a: np.ndarray, level: int = 6) -> bytes:
+    """uint8 / bool array -> PNG bytes (``level`` 1 is ~2x faster than 6 on score maps, ~50 % larger)."""
     a = np.asarray(a)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
     buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG", optimize=False, compress_level=6)
+    Image.fromarray(a).save(buf, format="PNG", optimize=False, compress_level=level)
     return buf.getvalue()
 
 
