@@ -1,7 +1,8 @@
 """The web app end to end in a real headless browser (Debian chromium driven by Playwright).
 
-A support image is uploaded, its defect painted with the mouse along the real crack,
-two queries are uploaded and segmented; the overlays must appear with a non-zero
+A support image is uploaded, its defect painted with the mouse along the real crack (and a
+slip of the brush erased); a second support gets its mask file uploaded; two queries are
+uploaded and segmented; the overlays must appear with a non-zero
 defect area, the painted mask the server received must lie on the real crack, and the
 page must not have asked for anything outside the server. The screenshot goes to the
 test's tmp folder, and to docs/serve-app.png (the README's) when FDSEG_UPDATE_DOCS=1.
@@ -103,8 +104,38 @@ def test_paint_support_segment_queries_in_browser(defects_root, tmp_path):
             for pt in pts[1:]:
                 page.mouse.move(*pt, steps=4)
             page.mouse.up()
-            painted = float(page.locator("#support-list .card .meta span").first.inner_text().rstrip("%"))
+            pct = lambda i: float(page.locator("#support-list .card .meta span").nth(i).inner_text().rstrip("%"))  # noqa: E731
+            painted = pct(0)
             assert painted > 0
+            # a slip of the brush off the crack, then the eraser takes it back
+            free = np.argwhere(~ndimage.binary_dilation(gt, iterations=40))
+            far = free[np.argmin(np.abs(free - np.array(gt.shape) / 2).sum(axis=1))]   # nearest the centre
+            spot = (box["x"] + (far[1] + 0.5) * box["width"] / w, box["y"] + (far[0] + 0.5) * box["height"] / h)
+            page.mouse.move(*spot)
+            page.mouse.down()
+            page.mouse.move(spot[0] + 10, spot[1], steps=3)
+            page.mouse.up()
+            assert pct(0) > painted
+            page.check("#tool-eraser")
+            page.evaluate("() => { const b = document.getElementById('brush-size'); b.value = 40; "
+                          "b.dispatchEvent(new Event('input')); }")
+            page.mouse.move(spot[0] - 5, spot[1])
+            page.mouse.down()
+            page.mouse.move(spot[0] + 15, spot[1], steps=4)
+            page.mouse.up()
+            assert pct(0) == pytest.approx(painted, abs=0.02)
+            page.check("#tool-brush")
+            # a second support whose mask is uploaded as a file instead of painted
+            sup2 = tmp_path / f"support2{imgs[3].suffix}"
+            shutil.copy(imgs[3], sup2)
+            page.set_input_files("#support-input", str(sup2))
+            page.locator("#support-list .card").nth(1).wait_for()
+            page.locator("#support-list .card").nth(1).locator("input.mask-input").set_input_files(
+                str(cls / "masks" / f"{imgs[3].stem}.png"))
+            gt2 = np.array(Image.open(cls / "masks" / f"{imgs[3].stem}.png")) > 0
+            page.wait_for_function("document.querySelectorAll('#support-list .card .meta span')[1].textContent "
+                                   "!== '0.00%'")
+            assert pct(1) == pytest.approx(100 * gt2.mean(), abs=0.01)
 
             page.set_input_files("#query-input", [str(f) for f in q_files])
             page.click("#run-btn")
@@ -131,6 +162,8 @@ def test_paint_support_segment_queries_in_browser(defects_root, tmp_path):
             assert got.shape == gt.shape
             near = ndimage.binary_dilation(gt, iterations=8)
             assert got.sum() > 50 and (got & near).sum() / got.sum() > 0.7
+            got2 = np.array(Image.open(io.BytesIO(httpx.get(f"{url}/v1/sessions/{sid}/supports/2/mask").content))) > 0
+            assert (got2 == gt2).all()                            # an uploaded mask arrives unchanged
             # the results ZIP behind the download link has both masks
             z = httpx.get(url + page.get_attribute("#zip-link", "href"))
             import zipfile
