@@ -142,6 +142,35 @@ def cmd_list(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .serve import ServeConfig, Settings, serve
+    _threads(a)
+    weights = {}
+    for w in a.weights or []:
+        name, sep, path = w.partition("=")
+        if not sep or not name or not path:
+            raise InputError("--weights", f"expected BACKBONE=PATH, got {w!r}")
+        if not Path(path).is_file():
+            raise InputError(path, "weights file does not exist")
+        weights[name] = path
+    cfg = ServeConfig(max_request_bytes=int(a.max_request_mb * 2**20), max_file_bytes=int(a.max_file_mb * 2**20),
+                      max_pixels=a.max_pixels, max_supports=a.max_supports, max_queries=a.max_queries,
+                      max_sessions=a.max_sessions, workers=a.workers, max_queue=a.max_queue, device=a.device,
+                      weights=weights, sessions_dir=None if a.sessions_dir == "" else Path(a.sessions_dir),
+                      defaults=Settings(method=a.method, backbone=a.backbone, threshold=a.threshold, size=a.size,
+                                        resize=a.resize))
+    loopback = a.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback:
+        print(f"fdseg serve: listening on {a.host}: anyone who can reach this machine can use the app "
+              f"(there is no login)", file=sys.stderr)
+    hosts = None if loopback else (a.allowed_host or ["*"])
+    print(f"fdseg serve: open http://{'127.0.0.1' if a.host in ('0.0.0.0', '::') else a.host}:{a.port}/ "
+          f"(API spec: /openapi.json; Ctrl-C stops)", file=sys.stderr)
+    serve(cfg, host=a.host, port=a.port, allowed_hosts=hosts, log_level=a.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     p = argparse.ArgumentParser(prog="fdseg", description="Few-shot industrial defect segmentation.")
@@ -190,6 +219,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--out", required=True, help="output .onnx file")
     e.set_defaults(func=cmd_export)
+    v = sub.add_parser("serve", help="local web app + REST API (needs fdseg[serve])")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8765)
+    v.add_argument("--allowed-host", action="append", default=None,
+                   help="Host header names accepted when binding a non-loopback address (default: any)")
+    v.add_argument("--sessions-dir", default=str(Path.home() / ".fdseg" / "sessions"),
+                   help="where 'save session' writes (default ~/.fdseg/sessions; '' turns saving off)")
+    v.add_argument("--method", default="fm", help="default method shown in the app (default fm)")
+    v.add_argument("--backbone", default="efficientnet_lite0", help="default backbone")
+    v.add_argument("--weights", action="append", metavar="BACKBONE=PATH",
+                   help="weights file for a backbone that needs one (repeatable)")
+    v.add_argument("--size", type=int, default=256, help="default network input size")
+    v.add_argument("--resize", default="resize", choices=["resize", "aspect", "tile"])
+    v.add_argument("--threshold", type=float, default=0.0)
+    v.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    v.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    v.add_argument("--workers", type=int, default=1, help="fits/predictions run at once (default 1)")
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting for a worker before 503")
+    v.add_argument("--max-request-mb", type=float, default=64, help="largest request body (default 64 MB)")
+    v.add_argument("--max-file-mb", type=float, default=32, help="largest uploaded file (default 32 MB)")
+    v.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (default 40 megapixels)")
+    v.add_argument("--max-supports", type=int, default=5)
+    v.add_argument("--max-queries", type=int, default=32, help="queries per request (default 32)")
+    v.add_argument("--max-sessions", type=int, default=16, help="live sessions kept in memory")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.set_defaults(func=cmd_serve)
 
     ls = sub.add_parser("list", help="list registered backbones and methods")
     ls.set_defaults(func=cmd_list)

@@ -1,0 +1,496 @@
+"""The server's model side: settings, one shared backbone per setting, sessions, the bounded pool.
+
+* A :class:`Settings` (method, backbone, refinement, threshold, input size, resize mode)
+  is validated against what is registered right now, so methods, backbones and
+  refinements that other packages register appear without a change here.
+* Per setting one *template* :class:`fdseg.FewShotSegmenter` is built and kept (a few at
+  most); a session is a deep copy of it that shares the template's networks (backbone,
+  any ``torch.nn.Module``) but has its own fitted state.
+* Every fit / predict runs in a worker thread that holds one of ``workers`` slots
+  (default 1: CPU inference already uses all cores); at most ``max_queue`` more wait,
+  further requests get 503 instead of piling up.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import write_bytes, write_text
+from ..errors import FdsegError, InputError
+from ..report.html import card, esc, page, table
+from ..report.overlay import GREEN, overlay
+from ..segment_folder import _row, _write_summary
+from .uploads import (Upload, UploadError, archive_stem, b64, decode_image, decode_mask, display_name,
+                      image_format, jpeg_bytes, png_bytes, rle_encode)
+
+RESIZE_MODES = ("resize", "aspect", "tile")
+SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
+MASK_FORMATS = ("png", "rle", "none")
+
+
+class NotFound(FdsegError):
+    pass
+
+
+class Busy(FdsegError):
+    pass
+
+
+# -- what is installed ---------------------------------------------------------------------------
+
+def _segmenter_cls():
+    import fdseg
+    return fdseg.FewShotSegmenter
+
+
+def _refine_lister() -> Callable[[], list[str]] | None:
+    """The refinement registry's lister, if this fdseg has one and the segmenter takes ``refine``."""
+    if "refine" not in inspect.signature(_segmenter_cls().__init__).parameters:
+        return None
+    import importlib
+
+    import fdseg
+    for mod in (fdseg, "fdseg.proposers", "fdseg.refine"):
+        try:
+            m = importlib.import_module(mod) if isinstance(mod, str) else mod
+        except ImportError:
+            continue
+        for attr in ("list_proposers", "list_refiners"):
+            if callable(getattr(m, attr, None)):
+                return getattr(m, attr)
+    return None
+
+
+def _entry_info(registry, name: str) -> dict:
+    try:
+        e = registry.entry(name)
+    except Exception:
+        return {"name": name, "summary": "", "extra": None}
+    return {"name": name, "summary": e.summary, "extra": e.extra, **{k: v for k, v in e.info.items()
+                                                                       if isinstance(v, (str, int, float, bool))}}
+
+
+def _proposer_registry():
+    lister = _refine_lister()
+    if lister is None:
+        return None
+    mod = inspect.getmodule(lister)
+    for v in vars(mod).values() if mod else ():
+        if hasattr(v, "entry") and hasattr(v, "names") and callable(v.entry):
+            return v
+    return None
+
+
+def options(weights: dict[str, str]) -> dict:
+    """Methods, backbones and refinements registered now, with what each needs."""
+    from ..backbones.registry import BACKBONES
+    from ..methods.registry import METHODS
+    backbones = []
+    for n in BACKBONES.names():
+        info = _entry_info(BACKBONES, n)
+        needs = bool(info.get("needs_weights"))
+        info["available"] = not needs or n in weights
+        if needs and n not in weights:
+            info["note"] = f"needs weights: start the server with --weights {n}=PATH"
+        backbones.append(info)
+    methods = [_entry_info(METHODS, n) | {"available": True} for n in METHODS.names()]
+    for m in methods:
+        if m["extra"]:
+            m["note"] = f"needs pip install 'fdseg[{m['extra']}]' if not installed"
+    refine = [{"name": "none", "summary": "no refinement", "extra": None, "available": True}]
+    lister = _refine_lister()
+    if lister is not None:
+        reg = _proposer_registry()
+        for n in lister():
+            info = _entry_info(reg, n) if reg is not None else {"name": n, "summary": "", "extra": None}
+            refine.append(info | {"available": True})
+    return {"methods": methods, "backbones": backbones, "refine": refine, "resize": list(RESIZE_MODES)}
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    method: str = "fm"
+    backbone: str = "efficientnet_lite0"
+    refine: str = "none"
+    threshold: float = 0.0
+    size: int = 256
+    resize: str = "resize"
+
+    @classmethod
+    def parse(cls, form: dict[str, str], defaults: "Settings") -> "Settings":
+        """Form fields (strings) -> checked settings; missing fields take ``defaults``."""
+        from ..backbones.registry import BACKBONES
+        from ..methods.registry import METHODS
+        d = asdict(defaults)
+        for f in fields(cls):
+            if f.name in form and str(form[f.name]).strip() != "":
+                d[f.name] = str(form[f.name]).strip()
+        try:
+            d["threshold"] = float(d["threshold"])
+            if not np.isfinite(d["threshold"]) or abs(d["threshold"]) > 2:
+                raise ValueError
+        except ValueError:
+            raise UploadError("threshold", f"must be a number between -2 and 2, got {d['threshold']!r}") from None
+        try:
+            d["size"] = int(d["size"])
+            if not 32 <= d["size"] <= 2048:
+                raise ValueError
+        except ValueError:
+            raise UploadError("size", f"must be a whole number from 32 to 2048, got {d['size']!r}") from None
+        if d["resize"] not in RESIZE_MODES:
+            raise UploadError("resize", f"must be one of {', '.join(RESIZE_MODES)}, got {d['resize']!r}")
+        for key, names in (("method", METHODS.names()), ("backbone", BACKBONES.names())):
+            if d[key] not in names:
+                raise UploadError(key, f"unknown {key} {d[key]!r} (available: {', '.join(names)})")
+        lister = _refine_lister()
+        refine_names = ["none"] + (list(lister()) if lister else [])
+        if d["refine"] not in refine_names:
+            raise UploadError("refine", f"unknown refinement {d['refine']!r} (available: {', '.join(refine_names)})")
+        return cls(**d)
+
+
+@dataclass
+class ServeConfig:
+    """Limits and defaults of one server (``fdseg serve -h`` sets them)."""
+
+    max_request_bytes: int = 64 << 20       # whole request body
+    max_file_bytes: int = 32 << 20          # one uploaded file
+    max_pixels: int = 40_000_000            # one image (checked from the header, before decoding)
+    max_supports: int = 5
+    max_queries: int = 32                   # per request
+    max_sessions: int = 16                  # live sessions kept (least recently used dropped)
+    max_results: int = 1000                 # per session, for the results ZIP
+    workers: int = 1                        # fits / predictions at once
+    max_queue: int = 64                     # requests waiting for a worker before 503
+    device: str = "cpu"
+    weights: dict[str, str] = field(default_factory=dict)   # backbone name -> weights file
+    sessions_dir: Path | None = None        # where "save session" writes
+    defaults: Settings = field(default_factory=Settings)
+    max_templates: int = 3                  # models kept in memory (one per distinct setting)
+
+
+# -- sessions ------------------------------------------------------------------------------------
+
+@dataclass
+class StoredResult:
+    row: dict
+    mask_png: bytes
+    score_png: bytes
+    overlay_jpg: bytes
+
+
+@dataclass
+class Session:
+    id: str
+    settings: Settings
+    seg: Any
+    supports: list[dict]          # {"name", "image": bytes, "ext", "mask_png": bytes, "width", "height"}
+    created: float = field(default_factory=time.time)
+    results: "OrderedDict[str, StoredResult]" = field(default_factory=OrderedDict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def info(self) -> dict:
+        return {"id": self.id, "settings": asdict(self.settings), "created": self.created,
+                "supports": [{"index": i + 1, "name": s["name"], "width": s["width"], "height": s["height"],
+                              "mask_fraction": s["mask_fraction"]} for i, s in enumerate(self.supports)],
+                "results": len(self.results)}
+
+
+class Engine:
+    def __init__(self, config: ServeConfig | None = None):
+        self.config = config or ServeConfig()
+        self._templates: "OrderedDict[Settings, Any]" = OrderedDict()
+        self._template_lock = threading.Lock()
+        self._sessions: "OrderedDict[str, Session]" = OrderedDict()
+        self._sessions_lock = threading.Lock()
+        self._slots = threading.Semaphore(max(1, self.config.workers))
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+
+    # -- the bounded pool ----------------------------------------------------------------------
+    async def run(self, fn: Callable, *args, **kwargs):
+        """Run ``fn`` in a worker thread once a slot is free; 503 (:class:`Busy`) when the queue is full."""
+        import functools
+
+        import anyio
+        with self._pending_lock:
+            if self._pending >= self.config.workers + self.config.max_queue:
+                raise Busy(f"server busy: {self._pending} requests running or waiting; retry later")
+            self._pending += 1
+
+        def job():
+            with self._slots:
+                return fn(*args, **kwargs)
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(job))
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # -- models --------------------------------------------------------------------------------
+    def _template(self, s: Settings):
+        with self._template_lock:
+            if s in self._templates:
+                self._templates.move_to_end(s)
+                return self._templates[s]
+            kw: dict[str, Any] = dict(backbone=s.backbone, method=s.method, input_size=s.size, resize=s.resize,
+                                      threshold=s.threshold, device=self.config.device,
+                                      weights=self.config.weights.get(s.backbone),
+                                      max_pixels=self.config.max_pixels)
+            if s.refine != "none":
+                kw["refine"] = s.refine
+            try:
+                tpl = _segmenter_cls()(**kw)
+            except (FdsegError, ImportError, FileNotFoundError) as e:
+                raise UploadError("settings", f"cannot build {s.method} on {s.backbone}: {e}") from None
+            self._templates[s] = tpl
+            while len(self._templates) > self.config.max_templates:
+                self._templates.popitem(last=False)
+            return tpl
+
+    def new_segmenter(self, s: Settings):
+        """A fresh, unfitted segmenter for ``s`` sharing the template's networks."""
+        import torch
+        tpl = self._template(s)
+        memo: dict[int, Any] = {}
+        for obj in (tpl, tpl.method):
+            for v in vars(obj).values():
+                if isinstance(v, torch.nn.Module) or v is getattr(tpl, "extractor", None):
+                    memo[id(v)] = v
+        memo.pop(id(tpl.method), None)
+        return copy.deepcopy(tpl, memo)
+
+    # -- fit -----------------------------------------------------------------------------------
+    def fit(self, settings: Settings, pairs: list[tuple[Upload, Upload]]) -> Session:
+        """Decode and check the supports, fit a new segmenter on them (runs in a worker)."""
+        if not pairs:
+            raise UploadError("support", "send at least one support image (field 'support') with its mask "
+                                         "(field 'mask')")
+        if len(pairs) > self.config.max_supports:
+            raise UploadError("support", f"{len(pairs)} supports sent, this server takes at most "
+                                         f"{self.config.max_supports}")
+        seg = self.new_segmenter(settings)
+        rgbs, masks, kept = [], [], []
+        with tempfile.TemporaryDirectory(prefix="fdseg-serve-") as tmp:
+            for i, (im, m) in enumerate(pairs):
+                rgb = decode_image(im, Path(tmp), 2 * i, max_pixels=self.config.max_pixels, min_size=seg.min_size)
+                mask = decode_mask(m, Path(tmp), 2 * i + 1, size=rgb.shape[:2], max_pixels=self.config.max_pixels)
+                if not mask.any():
+                    raise UploadError(m.label, "support mask is empty: paint at least one defect pixel")
+                if mask.all():
+                    raise UploadError(m.label, "support mask covers the whole image: leave some background")
+                rgbs.append(rgb)
+                masks.append(mask)
+                kept.append({"name": im.name, "image": im.data, "ext": image_format(im.data),
+                             "mask_png": png_bytes(mask), "width": rgb.shape[1], "height": rgb.shape[0],
+                             "mask_fraction": round(float(mask.mean()), 6)})
+        try:
+            seg.fit(rgbs, masks)
+        except InputError as e:
+            raise UploadError(e.source, e.problem) from None
+        return Session(secrets.token_hex(8), settings, seg, kept)
+
+    # -- sessions ------------------------------------------------------------------------------
+    def add(self, session: Session) -> Session:
+        with self._sessions_lock:
+            self._sessions[session.id] = session
+            while len(self._sessions) > self.config.max_sessions:
+                self._sessions.popitem(last=False)
+        return session
+
+    def get(self, sid: str) -> Session:
+        with self._sessions_lock:
+            s = self._sessions.get(sid) if SESSION_ID.match(sid or "") else None
+            if s is None:
+                raise NotFound(f"no live session {sid!r} (it may have expired: this server keeps the "
+                               f"{self.config.max_sessions} most recently used)")
+            self._sessions.move_to_end(sid)
+            return s
+
+    def drop(self, sid: str) -> None:
+        self.get(sid)
+        with self._sessions_lock:
+            self._sessions.pop(sid, None)
+
+    @property
+    def n_sessions(self) -> int:
+        return len(self._sessions)
+
+    # -- predict -------------------------------------------------------------------------------
+    def segment(self, session: Session, queries: list[Upload], *, mask_format: str = "png",
+                want_overlay: bool = False, store: bool = False) -> list[dict]:
+        """Decode all queries first (any bad one -> 4xx, nothing computed), then predict each."""
+        if not queries:
+            raise UploadError("query", "send at least one query image (field 'query')")
+        if len(queries) > self.config.max_queries:
+            raise UploadError("query", f"{len(queries)} queries sent, this server takes at most "
+                                       f"{self.config.max_queries} per request")
+        seg = session.seg
+        with tempfile.TemporaryDirectory(prefix="fdseg-serve-") as tmp:
+            rgbs = [decode_image(q, Path(tmp), i, max_pixels=self.config.max_pixels, min_size=seg.min_size)
+                    for i, q in enumerate(queries)]
+        out = []
+        for i, (q, rgb) in enumerate(zip(queries, rgbs)):
+            pred = seg.predict(rgb)
+            row = _row(q.name, Path(q.name), pred)
+            res = {"index": i, "name": q.name, **{k: row[k] for k in ("width", "height", "defect_fraction",
+                                                                       "components", "boxes", "max_score")}}
+            mask_png = png_bytes(pred.mask) if (mask_format == "png" or store) else b""
+            if mask_format == "png":
+                res["mask"] = {"format": "png", "data": b64(mask_png)}
+            elif mask_format == "rle":
+                res["mask"] = {"format": "rle", **rle_encode(pred.mask)}
+            ov = jpeg_bytes(overlay(rgb, pred.mask)) if (want_overlay or store) else b""
+            if want_overlay:
+                res["overlay_jpeg"] = b64(ov)
+            if store:
+                score_png = png_bytes(np.round(pred.score * 255).astype(np.uint8), level=1)
+                with session.lock:
+                    session.results.pop(q.name, None)
+                    session.results[q.name] = StoredResult(row, mask_png, score_png, ov)
+                    while len(session.results) > self.config.max_results:
+                        session.results.popitem(last=False)
+            out.append(res)
+        return out
+
+    def to_png(self, upload: Upload) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="fdseg-serve-") as tmp:
+            return png_bytes(decode_image(upload, Path(tmp), 0, max_pixels=self.config.max_pixels, min_size=1))
+
+    # -- results ZIP ---------------------------------------------------------------------------
+    def results_zip(self, session: Session) -> bytes:
+        with session.lock:
+            items = list(session.results.values())
+        taken: set[str] = set()
+        rows, buf = [], io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for r in items:
+                stem = archive_stem(r.row["file"], taken)
+                rows.append({**r.row, "query": stem})
+                z.writestr(f"masks/{stem}.png", r.mask_png)
+                z.writestr(f"scores/{stem}.png", r.score_png)
+                z.writestr(f"overlays/{stem}.jpg", r.overlay_jpg)
+            sup_cards = []
+            for i, s in enumerate(session.supports):
+                rgb, mask = _support_arrays(s)
+                z.writestr(f"supports/support_{i + 1}.jpg", jpeg_bytes(overlay(rgb, mask, GREEN)))
+                sup_cards.append(card(f"supports/support_{i + 1}.jpg", f"support {i + 1}: {s['name']}"))
+            with tempfile.TemporaryDirectory(prefix="fdseg-serve-") as tmp:
+                _write_summary(Path(tmp), rows)
+                for f in ("summary.csv", "summary.json"):
+                    z.write(Path(tmp) / f, f)
+            z.writestr("settings.json", json.dumps({"settings": asdict(session.settings), "session": session.id,
+                                                    "fdseg": __version__}, indent=1))
+            z.writestr("report.html", _report(rows, session, sup_cards))
+        return buf.getvalue()
+
+    # -- saved sessions ------------------------------------------------------------------------
+    def _saved_root(self) -> Path:
+        if self.config.sessions_dir is None:
+            raise UploadError("save", "this server was started without a sessions folder (--sessions-dir)")
+        return Path(self.config.sessions_dir)
+
+    def save(self, session: Session, title: str = "") -> dict:
+        """Write the supports, their masks and the settings to ``sessions_dir/ID/`` (server-chosen names)."""
+        root = self._saved_root()
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{session.id}-", dir=root))
+        try:
+            sups = []
+            for i, s in enumerate(session.supports):
+                img_rel, mask_rel = f"supports/{i + 1}.{s['ext']}", f"masks/{i + 1}.png"
+                write_bytes(tmp / img_rel, s["image"])
+                write_bytes(tmp / mask_rel, s["mask_png"])
+                sups.append({"image": img_rel, "mask": mask_rel, "name": s["name"]})
+            meta = {"format": "fdseg-session/1", "id": session.id, "title": title, "saved_at": time.time(),
+                    "fdseg": __version__, "settings": asdict(session.settings), "supports": sups}
+            write_text(tmp / "session.json", json.dumps(meta, indent=1))
+            final = root / session.id
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return _saved_summary(meta)
+
+    def list_saved(self) -> list[dict]:
+        if self.config.sessions_dir is None or not Path(self.config.sessions_dir).is_dir():
+            return []
+        out = []
+        for d in Path(self.config.sessions_dir).iterdir():
+            if SESSION_ID.match(d.name) and (d / "session.json").is_file():
+                try:
+                    out.append(_saved_summary(json.loads((d / "session.json").read_text())))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return sorted(out, key=lambda m: -m["saved_at"])
+
+    def load_saved(self, sid: str) -> tuple[Settings, list[tuple[Upload, Upload]]]:
+        if not SESSION_ID.match(sid or ""):
+            raise NotFound(f"no saved session {sid!r}")
+        d = self._saved_root() / sid
+        try:
+            meta = json.loads((d / "session.json").read_text())
+        except (OSError, ValueError):
+            raise NotFound(f"no saved session {sid!r}") from None
+        settings = Settings.parse({k: str(v) for k, v in meta.get("settings", {}).items()}, self.config.defaults)
+        rel = re.compile(r"^(supports|masks)/[0-9]+\.[a-z]{2,4}$")
+        pairs = []
+        for i, s in enumerate(meta.get("supports", [])):
+            if not (rel.match(str(s.get("image", ""))) and rel.match(str(s.get("mask", "")))):
+                raise UploadError(f"saved session {sid}", "session.json names files outside its folder")
+            pairs.append((Upload((d / s["image"]).read_bytes(), display_name(s.get("name"), f"support {i + 1}"),
+                                 f"support {i + 1}"),
+                          Upload((d / s["mask"]).read_bytes(), f"mask {i + 1}", f"mask {i + 1}")))
+        return settings, pairs
+
+
+def _saved_summary(meta: dict) -> dict:
+    return {"id": meta["id"], "title": meta.get("title", ""), "saved_at": meta["saved_at"],
+            "settings": meta["settings"], "supports": len(meta["supports"])}
+
+
+def _support_arrays(s: dict) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    from ..data.images import pil_to_rgb
+    rgb = pil_to_rgb(Image.open(io.BytesIO(s["image"])))
+    mask = np.array(Image.open(io.BytesIO(s["mask_png"]))) > 0
+    return rgb, mask
+
+
+def _report(rows: list[dict], session: Session, sup_cards: list[str]) -> str:
+    ok = sorted(rows, key=lambda r: (-r["defect_fraction"], r["query"]))
+    secs = [f"<p class='muted'>settings: {esc(json.dumps(asdict(session.settings)))}</p>",
+            "<h2>Supports</h2><div class='grid'>" + "".join(sup_cards) + "</div>",
+            "<h2>Queries</h2>" + table(["query", "file", "defect area", "components", "max score"],
+                                       [[r["query"], r["file"], f"{100 * r['defect_fraction']:.3f}%",
+                                         r["components"], r["max_score"]] for r in ok]),
+            "<h2>Overlays (most defective first)</h2><div class='grid'>" + "".join(
+                card(f"overlays/{r['query']}.jpg", f"{r['file']}: {100 * r['defect_fraction']:.3f}% defect, "
+                                                   f"max score {r['max_score']}") for r in ok) + "</div>"]
+    return page("fdseg inspection", secs)

@@ -1,0 +1,527 @@
+// fdseg web app: paint support masks, fit a session, segment queries through the REST API.
+// Plain JavaScript, no libraries, nothing loaded from other hosts.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  supports: [],      // {id, name, blob, width, height, maskCanvas, card}
+  queries: [],       // {id, name, blob, status: new|running|done|error, result, error, card, session}
+  session: null,     // live session id on the server
+  dirty: true,       // supports or settings changed since the session was fitted
+  running: false,
+  options: null,
+  nextId: 1,
+};
+const SETTING_IDS = ["method", "backbone", "refine", "threshold", "size", "resize"];
+
+function setStatus(msg, isError = false) {
+  const el = $("status");
+  el.textContent = msg;
+  el.classList.toggle("error", isError);
+}
+
+async function api(path, opts = {}) {
+  let resp;
+  try {
+    resp = await fetch(path, opts);
+  } catch (e) {
+    throw new Error("cannot reach the fdseg server (" + e.message + ")");
+  }
+  const type = resp.headers.get("content-type") || "";
+  const body = type.includes("json") ? await resp.json() : await resp.blob();
+  if (!resp.ok) {
+    throw new Error(body && body.error ? body.error : "HTTP " + resp.status);
+  }
+  return body;
+}
+
+// ---------------------------------------------------------------- settings
+function fillSelect(sel, items, value) {
+  sel.innerHTML = "";
+  for (const it of items) {
+    const o = document.createElement("option");
+    o.value = it.name;
+    o.textContent = it.name + (it.extra ? "  [fdseg[" + it.extra + "]]" : "");
+    o.title = (it.summary || "") + (it.note ? " — " + it.note : "");
+    o.disabled = it.available === false;
+    sel.appendChild(o);
+  }
+  sel.value = value;
+}
+
+async function loadOptions() {
+  const o = await api("/v1/options");
+  state.options = o;
+  fillSelect($("method"), o.methods, o.defaults.method);
+  fillSelect($("backbone"), o.backbones, o.defaults.backbone);
+  fillSelect($("refine"), o.refine, o.defaults.refine);
+  fillSelect($("resize"), o.resize.map((n) => ({ name: n })), o.defaults.resize);
+  $("threshold").value = o.defaults.threshold;
+  $("size").value = o.defaults.size;
+  const notes = [...o.methods, ...o.backbones, ...o.refine].filter((x) => x.note).map((x) => x.name + ": " + x.note);
+  $("option-note").textContent = notes.join(" · ");
+  $("save-btn").title = o.saving ? "" : "start the server with --sessions-dir to save sessions";
+}
+
+function settingsForm(fd) {
+  for (const id of SETTING_IDS) fd.append(id, $(id).value);
+}
+
+function markDirty() {
+  state.dirty = true;
+  updateButtons();
+}
+
+// ---------------------------------------------------------------- images
+async function toBitmap(blob) {
+  try {
+    return await createImageBitmap(blob, { premultiplyAlpha: "none", colorSpaceConversion: "none" });
+  } catch (e) {
+    // formats the browser cannot decode (TIFF, 16-bit ...): let the server convert to PNG
+    const fd = new FormData();
+    fd.append("image", blob, blob.name || "image");
+    const png = await api("/v1/convert", { method: "POST", body: fd });
+    return await createImageBitmap(png);
+  }
+}
+
+function canvasOf(w, h) {
+  const c = document.createElement("canvas");
+  c.width = w;
+  c.height = h;
+  return c;
+}
+
+// mask file pixels -> defect (same rules as the server: alpha for painted RGBA masks,
+// otherwise the brightest channel; > 16 grey levels = soft mask thresholded at 128)
+function maskFromBitmap(bmp, maskCanvas) {
+  const tmp = canvasOf(bmp.width, bmp.height);
+  const t = tmp.getContext("2d");
+  t.drawImage(bmp, 0, 0);
+  const d = t.getImageData(0, 0, bmp.width, bmp.height).data;
+  const n = bmp.width * bmp.height;
+  let alphaUsed = false, rgbUniform = true;
+  const first = Math.max(d[0], d[1], d[2]);
+  for (let i = 0; i < n; i++) {
+    if (d[4 * i + 3] < 255) alphaUsed = true;
+    if (Math.max(d[4 * i], d[4 * i + 1], d[4 * i + 2]) !== first) rgbUniform = false;
+  }
+  const useAlpha = alphaUsed && rgbUniform;
+  const vals = new Uint8Array(n);
+  const levels = new Set();
+  for (let i = 0; i < n; i++) {
+    const v = useAlpha ? d[4 * i + 3] : Math.max(d[4 * i], d[4 * i + 1], d[4 * i + 2]);
+    vals[i] = v;
+    if (levels.size <= 16) levels.add(v);
+  }
+  const cut = levels.size > 16 ? 128 : 1;
+  const m = maskCanvas.getContext("2d");
+  const out = m.createImageData(bmp.width, bmp.height);
+  for (let i = 0; i < n; i++) {
+    if (vals[i] >= cut) {
+      out.data[4 * i] = 255;
+      out.data[4 * i + 3] = 255;
+    }
+  }
+  m.putImageData(out, 0, 0);
+}
+
+function maskFraction(maskCanvas) {
+  const d = maskCanvas.getContext("2d").getImageData(0, 0, maskCanvas.width, maskCanvas.height).data;
+  let on = 0;
+  for (let i = 3; i < d.length; i += 4) if (d[i] >= 128) on++;
+  return on / (maskCanvas.width * maskCanvas.height);
+}
+
+// the painted (red, semi-transparent edged) mask -> white-on-black PNG; the server thresholds
+// anti-aliased edges at 128, the same cut maskFraction uses
+function maskBlob(maskCanvas) {
+  const w = maskCanvas.width, h = maskCanvas.height;
+  const white = canvasOf(w, h);
+  const wc = white.getContext("2d");
+  wc.drawImage(maskCanvas, 0, 0);
+  wc.globalCompositeOperation = "source-in";
+  wc.fillStyle = "#fff";
+  wc.fillRect(0, 0, w, h);
+  const c = canvasOf(w, h);
+  const ctx = c.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, w, h);
+  ctx.drawImage(white, 0, 0);
+  return new Promise((res) => c.toBlob(res, "image/png"));
+}
+
+// ---------------------------------------------------------------- supports
+async function addSupport(blob, name, maskBlobIn = null) {
+  if (state.supports.length >= (state.options ? state.options.limits.max_supports : 5)) {
+    setStatus("at most " + state.options.limits.max_supports + " supports", true);
+    return;
+  }
+  let bmp;
+  try {
+    bmp = await toBitmap(blob);
+  } catch (e) {
+    setStatus(name + ": " + e.message, true);
+    return;
+  }
+  const s = { id: state.nextId++, name, blob, width: bmp.width, height: bmp.height };
+  const card = document.createElement("div");
+  card.className = "card support";
+  card.dataset.supportId = s.id;
+  const paint = document.createElement("div");
+  paint.className = "paint";
+  const img = canvasOf(bmp.width, bmp.height);
+  img.className = "img";
+  img.getContext("2d").drawImage(bmp, 0, 0);
+  const mask = canvasOf(bmp.width, bmp.height);
+  mask.className = "mask";
+  mask.getContext("2d", { willReadFrequently: true });
+  mask.setAttribute("aria-label", "paint the defect on " + name);
+  paint.append(img, mask);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const info = document.createElement("span");
+  const err = document.createElement("div");
+  err.className = "error";
+  meta.append(document.createTextNode(name + " (" + bmp.width + "×" + bmp.height + ") · mask "), info);
+  const buttons = document.createElement("div");
+  buttons.className = "buttons";
+  const up = document.createElement("label");
+  up.className = "button";
+  up.textContent = "upload mask";
+  const upInput = document.createElement("input");
+  upInput.type = "file";
+  upInput.accept = "image/*,.tif,.tiff";
+  upInput.hidden = true;
+  upInput.className = "mask-input";
+  up.appendChild(upInput);
+  const clear = document.createElement("button");
+  clear.textContent = "clear";
+  const remove = document.createElement("button");
+  remove.textContent = "remove";
+  buttons.append(up, clear, remove);
+  card.append(paint, meta, err, buttons);
+  $("support-list").appendChild(card);
+  Object.assign(s, { card, maskCanvas: mask, info, err });
+  state.supports.push(s);
+
+  const refresh = () => {
+    info.textContent = (100 * maskFraction(mask)).toFixed(2) + "%";
+    markDirty();
+  };
+  setupPainting(mask, paint, refresh);
+  upInput.addEventListener("change", async () => {
+    const f = upInput.files[0];
+    upInput.value = "";
+    if (f) await loadMaskInto(s, f, f.name);
+    refresh();
+  });
+  clear.addEventListener("click", () => {
+    mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
+    refresh();
+  });
+  remove.addEventListener("click", () => {
+    state.supports = state.supports.filter((x) => x !== s);
+    card.remove();
+    markDirty();
+  });
+  if (maskBlobIn) await loadMaskInto(s, maskBlobIn, name + " mask");
+  refresh();
+}
+
+async function loadMaskInto(s, blob, label) {
+  s.err.textContent = "";
+  try {
+    const bmp = await toBitmap(blob);
+    if (bmp.width !== s.width || bmp.height !== s.height) {
+      s.err.textContent = label + ": mask is " + bmp.width + "×" + bmp.height + " but the image is " +
+        s.width + "×" + s.height;
+      return;
+    }
+    maskFromBitmap(bmp, s.maskCanvas);
+  } catch (e) {
+    s.err.textContent = label + ": " + e.message;
+  }
+}
+
+function brushTool() {
+  return $("tool-eraser").checked ? "eraser" : "brush";
+}
+
+function setupPainting(canvas, wrapper, done) {
+  const ctx = canvas.getContext("2d");
+  let last = null;
+  const pos = (ev) => {
+    const r = canvas.getBoundingClientRect();
+    return [(ev.clientX - r.left) * canvas.width / r.width, (ev.clientY - r.top) * canvas.height / r.height,
+      canvas.width / r.width];
+  };
+  const style = (scale) => {
+    const erase = brushTool() === "eraser";
+    ctx.globalCompositeOperation = erase ? "destination-out" : "source-over";
+    ctx.strokeStyle = ctx.fillStyle = "#ff0000";
+    ctx.lineWidth = Number($("brush-size").value) * scale;
+    ctx.lineCap = ctx.lineJoin = "round";
+  };
+  canvas.addEventListener("pointerdown", (ev) => {
+    ev.preventDefault();
+    canvas.setPointerCapture(ev.pointerId);
+    const [x, y, scale] = pos(ev);
+    style(scale);
+    ctx.beginPath();
+    ctx.arc(x, y, ctx.lineWidth / 2, 0, 2 * Math.PI);
+    ctx.fill();
+    last = [x, y];
+  });
+  canvas.addEventListener("pointermove", (ev) => {
+    if (!last) return;
+    const [x, y, scale] = pos(ev);
+    style(scale);
+    ctx.beginPath();
+    ctx.moveTo(last[0], last[1]);
+    ctx.lineTo(x, y);
+    ctx.stroke();
+    last = [x, y];
+  });
+  const end = () => {
+    if (last) {
+      last = null;
+      ctx.globalCompositeOperation = "source-over";
+      done();
+    }
+  };
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", end);
+  const syncTool = () => wrapper.classList.toggle("eraser", brushTool() === "eraser");
+  document.querySelectorAll("input[name=tool]").forEach((r) => r.addEventListener("change", syncTool));
+}
+
+// ---------------------------------------------------------------- session
+async function fitSession() {
+  if (!state.supports.length) throw new Error("add at least one support image and paint its defect");
+  const fd = new FormData();
+  settingsForm(fd);
+  for (const [i, s] of state.supports.entries()) {
+    if (maskFraction(s.maskCanvas) === 0) throw new Error("support " + (i + 1) + " (" + s.name + "): paint the defect first");
+    fd.append("support", s.blob, s.name);
+    fd.append("mask", await maskBlob(s.maskCanvas), "mask_" + (i + 1) + ".png");
+  }
+  setStatus("fitting " + state.supports.length + " support(s)…");
+  const info = await api("/v1/sessions", { method: "POST", body: fd });
+  state.session = info.id;
+  state.dirty = false;
+  $("session-info").textContent = "session " + info.id;
+  return info;
+}
+
+async function segmentQuery(q) {
+  q.status = "running";
+  renderQuery(q);
+  const fd = new FormData();
+  fd.append("query", q.blob, q.name);
+  fd.append("mask_format", "none");
+  fd.append("overlay", "true");
+  try {
+    const r = await api("/v1/sessions/" + state.session + "/segment", { method: "POST", body: fd });
+    q.result = r.results[0];
+    q.status = "done";
+    q.session = state.session;
+  } catch (e) {
+    q.status = "error";
+    q.error = e.message;
+  }
+  renderQuery(q);
+}
+
+async function runAll() {
+  if (state.running) return;
+  state.running = true;
+  updateButtons();
+  try {
+    if (state.dirty || !state.session) await fitSession();
+    let todo = state.queries.filter((q) => q.session !== state.session || q.status === "new");
+    let n = 0;
+    while (todo.length) {
+      for (const q of todo) {
+        $("progress").textContent = "segmenting " + (++n) + " …";
+        await segmentQuery(q);
+        sortResults();
+      }
+      todo = state.queries.filter((q) => q.status === "new");   // dropped while running
+    }
+    const done = state.queries.filter((q) => q.status === "done");
+    const defective = done.filter((q) => q.result.defect_fraction > 0).length;
+    $("progress").textContent = done.length + " segmented, " + defective + " with defects" +
+      (state.queries.length - done.length ? ", " + (state.queries.length - done.length) + " failed" : "");
+    setStatus("ready");
+  } catch (e) {
+    setStatus(e.message, true);
+  } finally {
+    state.running = false;
+    updateButtons();
+  }
+}
+
+// ---------------------------------------------------------------- queries
+function addQueries(files) {
+  for (const f of files) {
+    const q = { id: state.nextId++, name: f.name, blob: f, status: "new", session: null };
+    state.queries.push(q);
+    renderQuery(q);
+  }
+  sortResults();
+  updateButtons();
+  if (state.session && !state.dirty) runAll();
+}
+
+function renderQuery(q) {
+  if (!q.card) {
+    q.card = document.createElement("div");
+    q.card.dataset.queryId = q.id;
+    $("results").appendChild(q.card);
+  }
+  const c = q.card;
+  c.innerHTML = "";
+  c.className = "card result " + q.status;
+  const title = document.createElement("div");
+  title.className = "meta name";
+  title.textContent = q.name;
+  if (q.status === "done") {
+    const r = q.result;
+    c.classList.add(r.defect_fraction > 0 ? "defective" : "clean");
+    c.dataset.defectFraction = r.defect_fraction;
+    const img = document.createElement("img");
+    img.className = "overlay";
+    img.alt = "mask overlay of " + q.name;
+    img.src = "data:image/jpeg;base64," + r.overlay_jpeg;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.innerHTML = "<span class='area'></span> defect area · score <span class='score'></span> · " +
+      "<span class='components'></span> region(s)";
+    meta.querySelector(".area").textContent = (100 * r.defect_fraction).toFixed(3) + "%";
+    meta.querySelector(".score").textContent = r.max_score.toFixed(3);
+    meta.querySelector(".components").textContent = r.components;
+    c.append(img, title, meta);
+  } else if (q.status === "error") {
+    const e = document.createElement("div");
+    e.className = "error";
+    e.textContent = q.error;
+    c.append(title, e);
+  } else {
+    const w = document.createElement("div");
+    w.className = "muted";
+    w.textContent = q.status === "running" ? "segmenting…" : "waiting (press segment)";
+    c.append(title, w);
+  }
+}
+
+function sortResults() {
+  const rank = (q) => q.status === "done" ? [0, -q.result.defect_fraction] :
+    q.status === "error" ? [2, 0] : [1, 0];
+  const sorted = [...state.queries].sort((a, b) => {
+    const ra = rank(a), rb = rank(b);
+    return ra[0] - rb[0] || ra[1] - rb[1] || a.name.localeCompare(b.name);
+  });
+  for (const q of sorted) $("results").appendChild(q.card);
+}
+
+function updateButtons() {
+  const haveDone = state.session && state.queries.some((q) => q.status === "done" && q.session === state.session);
+  $("run-btn").disabled = state.running || !state.supports.length || !state.queries.length;
+  $("save-btn").disabled = state.running || !state.supports.length || !(state.options && state.options.saving);
+  const zip = $("zip-link");
+  zip.classList.toggle("disabled", !haveDone);
+  zip.href = haveDone ? "/v1/sessions/" + state.session + "/results.zip" : "#";
+  if (state.dirty && state.queries.some((q) => q.status === "done")) {
+    $("progress").textContent = "supports or settings changed: press segment to update the results";
+  }
+}
+
+// ---------------------------------------------------------------- saved sessions
+async function loadSaved() {
+  let r;
+  try {
+    r = await api("/v1/saved");
+  } catch (e) {
+    return;
+  }
+  const sel = $("saved-list");
+  sel.innerHTML = "<option value=''>—</option>";
+  for (const s of r.saved) {
+    const o = document.createElement("option");
+    o.value = s.id;
+    o.textContent = (s.title || s.id) + " · " + new Date(s.saved_at * 1000).toLocaleString() + " · " +
+      s.supports + " support(s), " + s.settings.method;
+    sel.appendChild(o);
+  }
+  $("open-btn").disabled = !r.saved.length;
+}
+
+async function saveSession() {
+  try {
+    if (state.dirty || !state.session) await fitSession();
+    const fd = new FormData();
+    fd.append("title", state.supports.map((s) => s.name).join(", "));
+    const r = await api("/v1/sessions/" + state.session + "/save", { method: "POST", body: fd });
+    setStatus("session saved as " + r.id);
+    await loadSaved();
+    $("saved-list").value = r.id;
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+async function openSaved() {
+  const id = $("saved-list").value;
+  if (!id) return;
+  try {
+    setStatus("opening session " + id + "…");
+    const info = await api("/v1/saved/" + id + "/open", { method: "POST" });
+    for (const k of SETTING_IDS) if (k in info.settings) $(k).value = info.settings[k];
+    for (const s of state.supports) s.card.remove();
+    state.supports = [];
+    for (const s of info.supports) {
+      const base = "/v1/sessions/" + info.id + "/supports/" + s.index;
+      const [img, mask] = await Promise.all([api(base + "/image"), api(base + "/mask")]);
+      await addSupport(img, s.name, mask);
+    }
+    state.session = info.id;
+    state.dirty = false;
+    $("session-info").textContent = "session " + info.id + " (opened from " + id + ")";
+    setStatus("session " + id + " opened");
+    updateButtons();
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+// ---------------------------------------------------------------- wiring
+function init() {
+  $("support-input").addEventListener("change", async (ev) => {
+    for (const f of [...ev.target.files]) await addSupport(f, f.name);
+    ev.target.value = "";
+    updateButtons();
+  });
+  $("query-input").addEventListener("change", (ev) => {
+    addQueries([...ev.target.files]);
+    ev.target.value = "";
+  });
+  const dz = $("dropzone");
+  dz.addEventListener("dragover", (ev) => { ev.preventDefault(); dz.classList.add("over"); });
+  dz.addEventListener("dragleave", () => dz.classList.remove("over"));
+  dz.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    dz.classList.remove("over");
+    addQueries([...ev.dataTransfer.files].filter((f) => f.type.startsWith("image/") || /\.tiff?$/i.test(f.name)));
+  });
+  $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
+  for (const id of SETTING_IDS) $(id).addEventListener("change", markDirty);
+  $("run-btn").addEventListener("click", runAll);
+  $("save-btn").addEventListener("click", saveSession);
+  $("open-btn").addEventListener("click", openSaved);
+  loadOptions()
+    .then(() => { setStatus("ready: add support images"); updateButtons(); return loadSaved(); })
+    .catch((e) => setStatus(e.message, true));
+}
+
+init();

@@ -1,0 +1,378 @@
+"""The REST API of ``fdseg serve`` on real defect images: round trips, every bad input, concurrency."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+
+import fdseg  # noqa: E402
+from fdseg.serve import ServeConfig, create_app  # noqa: E402
+from fdseg.serve.engine import Settings  # noqa: E402
+from fdseg.serve.uploads import rle_decode, rle_encode  # noqa: E402
+
+from serve_util import running_server  # noqa: E402
+
+CLASS = ("sd_saliency_900", "scratches")
+
+
+@pytest.fixture(scope="module")
+def pairs(defects_root):
+    d = defects_root.joinpath(*CLASS)
+    imgs = sorted((d / "images").iterdir())[:7]
+    return [(p, d / "masks" / f"{p.stem}.png") for p in imgs]
+
+
+def _client(**cfg):
+    from starlette.testclient import TestClient
+    return TestClient(create_app(ServeConfig(**cfg)), base_url="http://127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    with _client(sessions_dir=tmp_path_factory.mktemp("sessions")) as c:
+        yield c
+
+
+def _file(field, path, name=None):
+    return (field, (name or Path(path).name, Path(path).read_bytes()))
+
+
+def _png(a) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _mask_of(result) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(base64.b64decode(result["mask"]["data"])))) > 0
+
+
+def _err(r, status, *words):
+    assert r.status_code == status, (r.status_code, r.text)
+    msg = r.json()["error"]
+    for w in words:
+        assert w in msg, (w, msg)
+    return msg
+
+
+# -- round trips ----------------------------------------------------------------------------------
+
+def test_segment_round_trip_matches_the_library(client, pairs):
+    (s_img, s_mask), (q1, q1_gt), (q2, _) = pairs[:3]
+    r = client.post("/v1/segment", files=[_file("support", s_img), _file("mask", s_mask),
+                                          _file("query", q1), _file("query", q2)], data={"overlay": "1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["settings"]["method"] == "fm" and [x["name"] for x in body["results"]] == [q1.name, q2.name]
+    seg = fdseg.FewShotSegmenter().fit([s_img], [s_mask])
+    for res, q in zip(body["results"], (q1, q2)):
+        pred = seg.predict(q)
+        m = _mask_of(res)
+        assert m.shape == pred.mask.shape == (res["height"], res["width"])
+        assert (m == pred.mask).all()                               # exactly what the library predicts
+        assert res["defect_fraction"] == pytest.approx(pred.defect_fraction, abs=1e-6)
+        assert res["boxes"] == [list(b) for b in pred.boxes] and res["components"] == len(pred.boxes)
+        assert res["max_score"] == pytest.approx(pred.max_score, abs=1e-4)
+        ov = Image.open(io.BytesIO(base64.b64decode(res["overlay_jpeg"])))
+        assert ov.size == (res["width"], res["height"])
+    # the scratch found is the real one
+    gt = np.array(Image.open(q1_gt)) > 0
+    m1 = _mask_of(body["results"][0])
+    assert (m1 & gt).sum() / gt.sum() > 0.3
+
+
+def test_rle_output_and_codec(client, pairs):
+    (s_img, s_mask), (q, _) = pairs[:2]
+    r = client.post("/v1/segment", files=[_file("support", s_img), _file("mask", s_mask), _file("query", q)],
+                    data={"mask_format": "rle", "size": "128"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["mask"]["format"] == "rle" and res["mask"]["size"] == [res["height"], res["width"]]
+    m = rle_decode(res["mask"])
+    assert m.mean() == pytest.approx(res["defect_fraction"], abs=1e-6) and m.any()
+    # the codec on known cases: COCO's column-major runs, starting with background
+    a = np.array([[0, 1], [1, 1], [0, 0]], bool)
+    assert rle_encode(a) == {"size": [3, 2], "counts": [1, 1, 1, 2, 1]}
+    assert rle_encode(np.ones((2, 2), bool))["counts"] == [0, 4]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        b = rng.random((7, 11)) > 0.6
+        assert (rle_decode(rle_encode(b)) == b).all()
+
+
+def test_session_fit_once_predict_many_zip_save_open(client, pairs, monkeypatch):
+    calls = {"fit": 0}
+    real_fit = fdseg.FewShotSegmenter.fit
+
+    def counting_fit(self, *a, **k):
+        calls["fit"] += 1
+        return real_fit(self, *a, **k)
+    monkeypatch.setattr(fdseg.FewShotSegmenter, "fit", counting_fit)
+
+    sup = [_file("support", pairs[0][0], "../../etc/passwd"), _file("mask", pairs[0][1]),
+           _file("support", pairs[1][0], "C:\\data\\two.png"), _file("mask", pairs[1][1])]
+    r = client.post("/v1/sessions", files=sup, data={"method": "fm", "size": "128"})
+    assert r.status_code == 201, r.text
+    info = r.json()
+    sid = info["id"]
+    assert [s["name"] for s in info["supports"]] == ["passwd", "two.png"]      # paths stripped
+    assert info["settings"]["size"] == 128 and calls["fit"] == 1
+    masks = {}
+    for q, _ in pairs[2:5]:
+        r = client.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)])
+        assert r.status_code == 200, r.text
+        masks[q.stem] = _mask_of(r.json()["results"][0])
+    assert calls["fit"] == 1                                                    # fitted once
+    assert client.get(f"/v1/sessions/{sid}").json()["results"] == 3
+    r = client.post(f"/v1/sessions/{sid}/segment", files=[_file("query", pairs[5][0])], data={"keep": "false"})
+    assert r.status_code == 200 and client.get(f"/v1/sessions/{sid}").json()["results"] == 3   # not kept
+    # supports can be read back (the web app reopens sessions this way)
+    sm = np.array(Image.open(io.BytesIO(client.get(f"/v1/sessions/{sid}/supports/1/mask").content))) > 0
+    assert (sm == (np.array(Image.open(pairs[0][1])) > 0)).all()
+    assert client.get(f"/v1/sessions/{sid}/supports/1/image").content == pairs[0][0].read_bytes()
+    _err(client.get(f"/v1/sessions/{sid}/supports/3/image"), 404)
+
+    z = zipfile.ZipFile(io.BytesIO(client.get(f"/v1/sessions/{sid}/results.zip").content))
+    names = set(z.namelist())
+    for stem, m in masks.items():
+        assert {f"masks/{stem}.png", f"scores/{stem}.png", f"overlays/{stem}.jpg"} <= names
+        assert ((np.array(Image.open(z.open(f"masks/{stem}.png"))) > 0) == m).all()
+    rows = json.loads(z.read("summary.json"))
+    assert [r["query"] for r in rows] == list(masks) and all(r["status"] == "ok" for r in rows)
+    assert "summary.csv" in names and "overlays/" in z.read("report.html").decode()
+    assert {"supports/support_1.jpg", "supports/support_2.jpg", "settings.json"} <= names
+
+    saved = client.post(f"/v1/sessions/{sid}/save", data={"title": "scratches line 3"}).json()
+    assert saved["id"] == sid and saved["supports"] == 2
+    root = client.app.state.engine.config.sessions_dir / sid
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == ["masks/1.png", "masks/2.png", "session.json", "supports/1.png", "supports/2.png"]
+    assert [s["id"] for s in client.get("/v1/saved").json()["saved"]] == [sid]
+    r = client.post(f"/v1/saved/{sid}/open")
+    assert r.status_code == 201 and r.json()["opened_from"] == sid and r.json()["settings"]["size"] == 128
+    new = r.json()["id"]
+    q = pairs[2][0]
+    again = _mask_of(client.post(f"/v1/sessions/{new}/segment", files=[_file("query", q)]).json()["results"][0])
+    assert (again == masks[q.stem]).all()                                      # same inspection reopened
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 200
+    _err(client.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)]), 404, "no live session")
+
+
+# -- bad input: 4xx with a clear message, and the server keeps serving ------------------------------
+
+def test_bad_inputs_get_clear_4xx(client, pairs, tmp_path):
+    (s_img, s_mask), (q, _) = pairs[:2]
+    good = [_file("support", s_img), _file("mask", s_mask)]
+    post = lambda files, data=None, url="/v1/segment": client.post(url, files=files, data=data or {})  # noqa: E731
+
+    _err(post([("support", ("notes.txt", b"not an image")), _file("mask", s_mask), _file("query", q)]),
+         400, "support 1 (notes.txt)", "not an image")
+    _err(post(good + [_file("query", q), ("query", ("broken.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 30))]),
+         400, "query 2 (broken.png)")
+    h, w = np.array(Image.open(s_img)).shape[:2]
+    _err(post([_file("support", s_img), ("mask", ("small.png", _png(np.full((h // 2, w), 255, np.uint8)))),
+               _file("query", q)]), 400, "mask 1 (small.png)", f"mask is {w}x{h // 2} but its image is {w}x{h}")
+    _err(post([_file("support", s_img), ("mask", ("empty.png", _png(np.zeros((h, w), np.uint8)))),
+               _file("query", q)]), 400, "empty.png", "support mask is empty")
+    _err(post([_file("support", s_img), _file("query", q)]), 400, "need one mask per support image")
+    _err(post(good), 400, "at least one query")
+    _err(post([_file("query", q)]), 400, "at least one support")
+    _err(post(good * 6 + [_file("query", q)]), 400, "6 supports sent", "at most 5")
+    _err(post(good + [_file("query", q)], {"method": "nope"}), 400, "unknown method 'nope'", "fm")
+    _err(post(good + [_file("query", q)], {"backbone": "resnet9000"}), 400, "unknown backbone")
+    _err(post(good + [_file("query", q)], {"refine": "magic"}), 400, "unknown refinement")
+    _err(post(good + [_file("query", q)], {"threshold": "high"}), 400, "threshold")
+    _err(post(good + [_file("query", q)], {"size": "99999"}), 400, "size")
+    _err(post(good + [_file("query", q)], {"mask_format": "svg"}), 400, "mask_format")
+    _err(post(good + [_file("query", q)], {"overlay": "maybe"}), 400, "overlay")
+    _err(post(good + [("photo", ("x.png", s_img.read_bytes())), _file("query", q)]), 400, "unexpected file field")
+    _err(client.post("/v1/segment", data={"support": "s.png", "mask": "m.png", "query": "q.png"}), 400,
+         "expected a file upload")
+    _err(client.post("/v1/segment", json={"support": "s.png"}), 415, "multipart/form-data")
+    # malformed multipart bodies
+    _err(client.post("/v1/segment", content=b"garbage", headers={"content-type": "multipart/form-data"}),
+         400, "malformed multipart")
+    _err(client.post("/v1/segment", content=b"--b\r\nBad Header\r\n\r\nabc\r\n--b--\r\n",
+                     headers={"content-type": "multipart/form-data; boundary=b"}), 400, "malformed multipart")
+    _err(client.post("/v1/segment", content=b"--b\r\nContent-Disposition: form-data; name=\"support\"; "
+                                            b"filename=\"a.png\"\r\n\r\nabc",
+                     headers={"content-type": "multipart/form-data; boundary=b"}), 400)
+    # sessions: unknown, or an id that tries to be a path
+    for sid in ("0123456789abcdef", "..%2F..%2Fetc", "ZZZ"):
+        assert client.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)]).status_code == 404
+        assert client.post(f"/v1/saved/{sid}/open").status_code == 404
+    # a web page elsewhere cannot reach the app through DNS rebinding
+    assert client.get("/v1/health", headers={"host": "evil.example"}).status_code == 400
+    assert client.get("/v1/health").json()["status"] == "ok"                 # still serving
+
+
+def test_size_and_pixel_limits(pairs):
+    (s_img, s_mask), (q, _) = pairs[:2]
+    with _client(max_file_bytes=200_000, max_request_bytes=600_000, max_pixels=250_000) as c:
+        files = [_file("support", s_img), _file("mask", s_mask)]
+        # a decompression bomb: 4000 x 4000 px in a few KB, refused from its header (413)
+        bomb = _png(np.zeros((4000, 4000), np.uint8))
+        assert len(bomb) < 100_000
+        _err(c.post("/v1/segment", files=files + [("query", ("bomb.png", bomb))]), 413,
+             "query 1 (bomb.png)", "16,000,000 pixels", "250,000")
+        big = np.random.default_rng(0).integers(0, 255, (300, 300, 3), np.uint8)
+        _err(c.post("/v1/segment", files=files + [("query", ("big.png", _png(big)))]), 413, "big.png",
+             "200,000 bytes per file")
+        # whole request over the limit: by Content-Length, and while reading a chunked body
+        _err(c.post("/v1/segment", files=files + [("query", (f"q{i}.png", _png(big[:200, :200]))) for i in range(6)]),
+             413, "600,000 bytes")
+
+        def chunks():
+            yield b"--b\r\nContent-Disposition: form-data; name=\"query\"; filename=\"a.png\"\r\n\r\n"
+            for _ in range(100):
+                yield b"\0" * 10_000
+        _err(c.post("/v1/segment", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}),
+             413, "600,000 bytes")
+        assert c.get("/v1/health").status_code == 200
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+def test_50_concurrent_requests_all_answered_correctly(pairs):
+    import httpx
+    (s_img, s_mask), queries = pairs[0], [p for p, _ in pairs[1:6]]
+    app = create_app(ServeConfig(max_queue=64))
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=300,
+                                                   limits=httpx.Limits(max_connections=60)) as c:
+        r = c.post("/v1/sessions", files=[_file("support", s_img), _file("mask", s_mask)], data={"size": "96"})
+        sid = r.json()["id"]
+        expected = {q.name: _mask_of(c.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)]).json()
+                                     ["results"][0]) for q in queries}
+        barrier = threading.Barrier(50)
+
+        def one(i):
+            q = queries[i % len(queries)]
+            barrier.wait()
+            if i % 10 == 9:        # some one-shot requests mixed in (their own fit, same settings)
+                return i, q, c.post("/v1/segment", files=[_file("support", s_img), _file("mask", s_mask),
+                                                          _file("query", q)], data={"size": "96"})
+            return i, q, c.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)])
+        t0 = time.time()
+        with ThreadPoolExecutor(50) as ex:
+            out = list(ex.map(one, range(50)))
+        assert len(out) == 50
+        for i, q, r in out:
+            assert r.status_code == 200, (i, r.text)
+            res = r.json()["results"]
+            assert len(res) == 1 and res[0]["name"] == q.name
+            assert (_mask_of(res[0]) == expected[q.name]).all(), f"request {i}: wrong mask for {q.name}"
+        assert c.get("/v1/health").json()["pending"] == 0
+        print(f"50 concurrent requests in {time.time() - t0:.1f} s")
+
+
+def test_full_queue_answers_503_and_loses_nothing(pairs, monkeypatch):
+    import httpx
+
+    from fdseg.serve.engine import Engine
+    (s_img, s_mask), (q, _) = pairs[:2]
+    real = Engine.segment
+
+    def slow(self, *a, **k):
+        time.sleep(0.3)
+        return real(self, *a, **k)
+    monkeypatch.setattr(Engine, "segment", slow)
+    app = create_app(ServeConfig(workers=1, max_queue=2))
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=120) as c:
+        sid = c.post("/v1/sessions", files=[_file("support", s_img), _file("mask", s_mask)],
+                     data={"size": "64"}).json()["id"]
+        with ThreadPoolExecutor(10) as ex:
+            rs = list(ex.map(lambda _: c.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)]), range(10)))
+        codes = sorted(r.status_code for r in rs)
+        assert set(codes) == {200, 503} and codes.count(200) >= 3, codes
+        busy = next(r for r in rs if r.status_code == 503)
+        assert "busy" in busy.json()["error"] and busy.headers["retry-after"]
+        # every answered request got its full result; the server is free again
+        assert all(len(r.json()["results"]) == 1 for r in rs if r.status_code == 200)
+        assert c.get("/v1/health").json()["pending"] == 0
+        assert c.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)]).status_code == 200
+
+
+# -- the service around it --------------------------------------------------------------------------
+
+def test_openapi_health_page_offline(client):
+    spec = client.get("/openapi.json").json()
+    for p in ("/v1/segment", "/v1/sessions", "/v1/sessions/{sid}/segment", "/v1/health"):
+        assert p in spec["paths"]
+    body = spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"support", "mask", "query"} <= set(body["required"])
+    assert client.get("/docs").status_code == 404               # Swagger UI would load JS from a CDN
+    page = client.get("/")
+    assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+    static = Path(fdseg.__file__).parent / "serve" / "static"
+    for f in static.iterdir():                                 # no asset refers to another host
+        text = f.read_text()
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, f.name
+        assert client.get(f"/static/{f.name}").status_code == 200
+    h = client.get("/v1/health").json()
+    assert h["status"] == "ok" and h["version"] == fdseg.__version__
+
+
+def test_choices_follow_the_registries(client, pairs, monkeypatch):
+    """Methods, backbones and refinements registered later appear in the options and are usable."""
+    from fdseg.methods import registry as mreg
+    from fdseg.methods.fm import FeatureMatching
+
+    @fdseg.register_method("fm_test_serve", summary="fm registered by a test")
+    class FmCopy(FeatureMatching):
+        pass
+    try:
+        names = [m["name"] for m in client.get("/v1/options").json()["methods"]]
+        assert "fm_test_serve" in names
+        (s_img, s_mask), (q, _) = pairs[:2]
+        r = client.post("/v1/segment", files=[_file("support", s_img), _file("mask", s_mask), _file("query", q)],
+                        data={"method": "fm_test_serve", "size": "64"})
+        assert r.status_code == 200 and r.json()["settings"]["method"] == "fm_test_serve"
+    finally:
+        mreg.METHODS._entries.pop("fm_test_serve", None)
+
+    # a refinement registry (other fdseg parts add one) shows up once the segmenter takes `refine`
+    seen = {}
+
+    class RefiningSegmenter(fdseg.FewShotSegmenter):
+        def __init__(self, *a, refine=None, **k):
+            seen["refine"] = refine
+            super().__init__(*a, **k)
+    monkeypatch.setattr(fdseg, "FewShotSegmenter", RefiningSegmenter)
+    monkeypatch.setattr(fdseg, "list_proposers", lambda: ["superpixel"], raising=False)
+    assert [x["name"] for x in client.get("/v1/options").json()["refine"]] == ["none", "superpixel"]
+    s = Settings.parse({"refine": "superpixel", "size": "64"}, Settings())
+    client.app.state.engine.new_segmenter(s)
+    assert seen["refine"] == "superpixel"
+
+
+def test_cli_serve_arguments_and_missing_extra(monkeypatch, tmp_path, capsys):
+    import sys
+
+    import fdseg.serve as fserve
+    from fdseg.cli import main
+    got = {}
+    real_serve = fserve.serve
+    monkeypatch.setattr(fserve, "serve", lambda cfg, **kw: got.update(cfg=cfg, **kw))
+    assert main(["serve", "--port", "9999", "--sessions-dir", str(tmp_path), "--max-pixels", "1000000",
+                 "--method", "proto"]) == 0
+    cfg = got["cfg"]
+    assert got["host"] == "127.0.0.1" and got["port"] == 9999 and got["allowed_hosts"] is None
+    assert cfg.max_pixels == 1_000_000 and cfg.sessions_dir == tmp_path and cfg.defaults.method == "proto"
+    assert main(["serve", "--weights", "nonsense"]) == 2
+    assert "BACKBONE=PATH" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "fastapi", None)           # as if the extra were not installed
+    monkeypatch.setattr(fserve, "serve", real_serve)
+    assert main(["serve"]) == 2                                 # a clear message, no server started
+    assert "pip install 'fdseg[serve]'" in capsys.readouterr().err

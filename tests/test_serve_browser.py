@@ -1,0 +1,180 @@
+"""The web app end to end in a real headless browser (Debian chromium driven by Playwright).
+
+A support image is uploaded, its defect painted with the mouse along the real crack (and a
+slip of the brush erased); a second support gets its mask file uploaded; two queries are
+uploaded and segmented; the overlays must appear with a non-zero
+defect area, the painted mask the server received must lie on the real crack, and the
+page must not have asked for anything outside the server. The screenshot goes to the
+test's tmp folder, and to docs/serve-app.png (the README's) when FDSEG_UPDATE_DOCS=1.
+
+Skips when chromium or Playwright is missing, unless FDSEG_REQUIRE_BROWSER=1 (CI).
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from serve_util import running_server
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve-app.png"
+
+
+def _need_browser():
+    why = None
+    if not Path(CHROMIUM).exists():
+        why = f"{CHROMIUM} not found (apt-get install chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            why = "playwright is not installed (pip install playwright; never `playwright install`)"
+    if why:
+        if os.environ.get("FDSEG_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser test required (FDSEG_REQUIRE_BROWSER=1) but {why}")
+        pytest.skip(why)
+
+
+def _stroke_points(mask: np.ndarray, n: int = 30) -> list[tuple[float, float]]:
+    """Points along a thin defect: n steps over its longer extent, the middle defect pixel at each."""
+    along_x = np.ptp(np.nonzero(mask)[1]) > np.ptp(np.nonzero(mask)[0])
+    m = mask.T if along_x else mask
+    rows = np.flatnonzero(m.any(axis=1))
+    pts = []
+    for r in np.linspace(rows[0], rows[-1], n).round().astype(int):
+        cs = np.flatnonzero(m[r])
+        if len(cs):
+            c = float(cs[len(cs) // 2]) + 0.5
+            pts.append((float(r) + 0.5, c) if along_x else (c, float(r) + 0.5))
+    return pts
+
+
+def test_paint_support_segment_queries_in_browser(defects_root, tmp_path):
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    from fdseg.serve import ServeConfig, create_app
+
+    cls = defects_root / "crackforest" / "crack"
+    imgs = sorted((cls / "images").iterdir())
+    support, queries = imgs[0], imgs[1:3]
+    gt = np.array(Image.open(cls / "masks" / f"{support.stem}.png")) > 0
+    # the browser gets copies with plain names (what a user's files look like)
+    sup_file = tmp_path / f"support{support.suffix}"
+    shutil.copy(support, sup_file)
+    q_files = []
+    for i, q in enumerate(queries):
+        q_files.append(tmp_path / f"query_{i + 1}{q.suffix}")
+        shutil.copy(q, q_files[-1])
+
+    app = create_app(ServeConfig(sessions_dir=tmp_path / "sessions"))
+    outside: list[str] = []
+    console_errors: list[str] = []
+    with running_server(app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            # bypass_csp only lets Playwright's own evaluate() run; requests are still checked below
+            page = browser.new_page(viewport={"width": 1280, "height": 1000}, bypass_csp=True)
+            page.on("request", lambda r: outside.append(r.url)
+                    if not r.url.startswith((url, "data:", "blob:")) else None)
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('method').options.length > 0")
+            assert "fm" in page.locator("#method option").all_inner_texts()
+
+            page.set_input_files("#support-input", str(sup_file))
+            canvas = page.locator("#support-list canvas.mask").first
+            canvas.wait_for()
+            box = canvas.bounding_box()
+            h, w = gt.shape
+            page.evaluate("() => { const b = document.getElementById('brush-size'); b.value = 6; "
+                          "b.dispatchEvent(new Event('input')); }")
+            pts = [(box["x"] + x * box["width"] / w, box["y"] + y * box["height"] / h) for x, y in _stroke_points(gt)]
+            page.mouse.move(*pts[0])
+            page.mouse.down()
+            for pt in pts[1:]:
+                page.mouse.move(*pt, steps=4)
+            page.mouse.up()
+            pct = lambda i: float(page.locator("#support-list .card .meta span").nth(i).inner_text().rstrip("%"))  # noqa: E731
+            painted = pct(0)
+            assert painted > 0
+            # a slip of the brush off the crack, then the eraser takes it back
+            free = np.argwhere(~ndimage.binary_dilation(gt, iterations=40))
+            far = free[np.argmin(np.abs(free - np.array(gt.shape) / 2).sum(axis=1))]   # nearest the centre
+            spot = (box["x"] + (far[1] + 0.5) * box["width"] / w, box["y"] + (far[0] + 0.5) * box["height"] / h)
+            page.mouse.move(*spot)
+            page.mouse.down()
+            page.mouse.move(spot[0] + 10, spot[1], steps=3)
+            page.mouse.up()
+            assert pct(0) > painted
+            page.check("#tool-eraser")
+            page.evaluate("() => { const b = document.getElementById('brush-size'); b.value = 40; "
+                          "b.dispatchEvent(new Event('input')); }")
+            page.mouse.move(spot[0] - 5, spot[1])
+            page.mouse.down()
+            page.mouse.move(spot[0] + 15, spot[1], steps=4)
+            page.mouse.up()
+            assert pct(0) == pytest.approx(painted, abs=0.02)
+            page.check("#tool-brush")
+            # a second support whose mask is uploaded as a file instead of painted
+            sup2 = tmp_path / f"support2{imgs[3].suffix}"
+            shutil.copy(imgs[3], sup2)
+            page.set_input_files("#support-input", str(sup2))
+            page.locator("#support-list .card").nth(1).wait_for()
+            page.locator("#support-list .card").nth(1).locator("input.mask-input").set_input_files(
+                str(cls / "masks" / f"{imgs[3].stem}.png"))
+            gt2 = np.array(Image.open(cls / "masks" / f"{imgs[3].stem}.png")) > 0
+            page.wait_for_function("document.querySelectorAll('#support-list .card .meta span')[1].textContent "
+                                   "!== '0.00%'")
+            assert pct(1) == pytest.approx(100 * gt2.mean(), abs=0.01)
+
+            page.set_input_files("#query-input", [str(f) for f in q_files])
+            page.click("#run-btn")
+            try:
+                page.wait_for_function("document.querySelectorAll('#results .result.done img.overlay').length === 2",
+                                       timeout=120_000)
+            except Exception:
+                pytest.fail("no overlays; page status: " + page.locator("#status").inner_text() + " | " +
+                            page.locator("#results").inner_text())
+            cards = page.locator("#results .result.done")
+            areas = [float(cards.nth(i).locator(".area").inner_text().rstrip("%")) for i in range(2)]
+            assert all(a > 0 for a in areas), areas
+            assert areas == sorted(areas, reverse=True)          # most defective first
+            for i in range(2):                                   # the overlay image really decoded
+                assert page.evaluate("(el) => el.naturalWidth", cards.nth(i).locator("img.overlay").element_handle()) \
+                    == Image.open(queries[0]).size[0]
+            assert not page.locator("#zip-link.disabled").count()
+            page.screenshot(path=str(tmp_path / "shot.png"), full_page=True)
+
+            # the mask the server fitted on lies on the real crack
+            sid = page.evaluate("state.session")
+            import httpx
+            got = np.array(Image.open(io.BytesIO(httpx.get(f"{url}/v1/sessions/{sid}/supports/1/mask").content))) > 0
+            assert got.shape == gt.shape
+            near = ndimage.binary_dilation(gt, iterations=8)
+            assert got.sum() > 50 and (got & near).sum() / got.sum() > 0.7
+            got2 = np.array(Image.open(io.BytesIO(httpx.get(f"{url}/v1/sessions/{sid}/supports/2/mask").content))) > 0
+            assert (got2 == gt2).all()                            # an uploaded mask arrives unchanged
+            # the results ZIP behind the download link has both masks
+            z = httpx.get(url + page.get_attribute("#zip-link", "href"))
+            import zipfile
+            names = zipfile.ZipFile(io.BytesIO(z.content)).namelist()
+            assert {"masks/query_1.png", "masks/query_2.png", "summary.csv", "report.html"} <= set(names)
+        finally:
+            browser.close()
+    assert not outside, f"the page requested outside resources: {outside}"
+    assert not console_errors, console_errors
+    if os.environ.get("FDSEG_UPDATE_DOCS") == "1":       # refresh the README's screenshot, kept small
+        shot = Image.open(tmp_path / "shot.png").convert("RGB")
+        shot.thumbnail((1100, 1100))
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shot.quantize(colors=128).save(SCREENSHOT, optimize=True)
