@@ -79,7 +79,7 @@ def list_queries(items: Iterable[str | Path]) -> QueryList:
     uris = [is_uri(i) for i in items]
     if not any(uris):
         paths = collect_queries(items)
-        return QueryList([str(p) for p in paths], [str(p.resolve()) for p in paths], None)
+        return _once(QueryList([str(p) for p in paths], [os.path.abspath(p) for p in paths], None))
     if not all(uris):
         raise InputError(", ".join(items), "queries must be all local paths or all URIs on one filesystem")
     from pyarrow import fs as pafs
@@ -111,7 +111,14 @@ def list_queries(items: Iterable[str | Path]) -> QueryList:
         reads.extend(found)
     if not files:
         raise InputError(", ".join(items), "no query images found")
-    return QueryList(files, reads, fs0)
+    return _once(QueryList(files, reads, fs0))
+
+
+def _once(ql: QueryList) -> QueryList:
+    """A file named twice (``a.png ./a.png``) is segmented once, under its first name."""
+    keep = list({r: i for i, r in reversed(list(enumerate(ql.read_paths)))}.values())
+    keep.sort()
+    return QueryList([ql.files[i] for i in keep], [ql.read_paths[i] for i in keep], ql.filesystem)
 
 
 # -- the finished rows -----------------------------------------------------------------------------
@@ -228,6 +235,18 @@ def _init_ray(ray, address: str | None, init_kwargs: dict | None) -> bool:
     return True
 
 
+def _check_resources(res: dict, cpus: float, gpus: float, local: bool) -> None:
+    """Actors that can never be placed would wait forever: say so (a connected cluster may autoscale)."""
+    need = [("GPU", gpus, "--gpus-per-actor / --device cuda"), ("CPU", cpus, "--cpus-per-actor")]
+    for what, n, flag in need:
+        if n > 0 and res.get(what, 0) < n:
+            msg = f"each actor asks for {n:g} {what}s but the Ray cluster has {res.get(what, 0):g}"
+            if local:
+                raise InputError(flag, msg)
+            import sys
+            print(f"fdseg: warning: {msg}; the actors wait until the cluster has them", file=sys.stderr)
+
+
 def segment_ray(seg: FewShotSegmenter, queries: Iterable[str | Path] | QueryList, out: str | Path, *,
                 actors: int | None = None, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                 batch_size: int = 8, resume: bool = False, progress: bool = True,
@@ -265,6 +284,7 @@ def segment_ray(seg: FewShotSegmenter, queries: Iterable[str | Path] | QueryList
         if todo:
             started = _init_ray(ray, address, ray_init)
             res = ray.cluster_resources()
+            _check_resources(res, cpus_per_actor, gpus_per_actor, started)
             if actors is None:
                 have = res.get("GPU", 0) / gpus_per_actor if gpus_per_actor > 0 else res.get("CPU", 1) / cpus_per_actor
                 actors = max(1, int(have))
@@ -277,7 +297,7 @@ def segment_ray(seg: FewShotSegmenter, queries: Iterable[str | Path] | QueryList
             ctx.enable_progress_bars = False
             ds = ray.data.read_binary_files(todo, include_paths=True, filesystem=ql.filesystem,
                                             override_num_blocks=max(1, math.ceil(len(todo) / batch_size)),
-                                            num_cpus=0)   # reading is I/O: the CPUs go to the actors
+                                            num_cpus=0, concurrency=n_actors)   # I/O: the CPUs go to the actors
             ds = ds.map_batches(SegmentActor, batch_size=batch_size, batch_format="numpy",
                                 compute=ray.data.ActorPoolStrategy(size=n_actors),
                                 fn_constructor_kwargs=dict(shipped=[shipped], store=store.address, device=device,

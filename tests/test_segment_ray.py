@@ -17,6 +17,10 @@ from PIL import Image
 import fdseg
 from fdseg.cli import main
 
+# before Ray is imported: no usage stats, and a single-node Ray whose servers listen on loopback only
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 SCRATCHES = ("sd_saliency_900", "scratches")
 TILES = ("magnetic_tile", "blowhole")
 
@@ -28,15 +32,12 @@ def _images(root, cls, n, skip=0):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_IMPORT_WARNING": "1",
-                 "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}.items():
-        os.environ.setdefault(k, v)
     try:
         import ray
     except ImportError:
         pytest.fail("ray is not installed: `make install` installs the 'ray' extra (pip install -e '.[dev,ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level="warning")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
     yield ray
     ray.shutdown()
 
@@ -195,6 +196,8 @@ def test_list_queries_uri_folder_glob_and_errors(tmp_path):
     assert list_queries([f"file://{tmp_path}/*.png"]).files == globbed             # as the local engine's does
     assert list_queries([str(tmp_path / "*.png")]).files == [u[len("file://"):] for u in globbed]
     assert list_queries([str(tmp_path)]).read_paths == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
+    twice = list_queries([str(tmp_path / "b.png"), str(tmp_path), f"{tmp_path}/./b.png"])
+    assert twice.files == [str(tmp_path / "b.png"), str(tmp_path / "a.jpg")]         # b.png once
     with pytest.raises(InputError, match="does not exist"):
         list_queries([f"file://{tmp_path}/nope"])
     with pytest.raises(InputError, match="all local paths or all URIs"):
@@ -215,3 +218,13 @@ def test_fitted_segmenter_moves_and_pickles_unchanged(support, defects_root):
     assert np.array_equal(b.mask, ref.mask)
     with pytest.raises(fdseg.InputError, match="corrupt|readable|cannot open"):
         moved.predict(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+
+
+def test_actors_that_can_never_be_placed(capsys):
+    from fdseg.errors import InputError
+    from fdseg.segment_ray import _check_resources
+    with pytest.raises(InputError, match="--gpus-per-actor.*1 GPUs but the Ray cluster has 0"):
+        _check_resources({"CPU": 2.0}, 1, 1, local=True)          # the local Ray fdseg started: refuse
+    _check_resources({"CPU": 2.0}, 4, 0, local=False)            # a cluster may autoscale: warn
+    assert "4 CPUs but the Ray cluster has 2" in capsys.readouterr().err
+    _check_resources({"CPU": 2.0, "GPU": 1.0}, 1, 0.5, local=True)
