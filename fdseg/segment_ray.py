@@ -229,10 +229,14 @@ def _init_ray(ray, address: str | None, init_kwargs: dict | None) -> bool:
     if ray.is_initialized():
         return False
     kw = dict(init_kwargs or {})
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        kw.setdefault("include_dashboard", False)     # a local instance: no dashboard, loopback only
+    if _starts_local(address):
+        kw.setdefault("include_dashboard", False)     # a throw-away local instance: no dashboard
     ray.init(address=address, **kw)
     return True
+
+
+def _starts_local(address: str | None) -> bool:
+    return address is None and not os.environ.get("RAY_ADDRESS")
 
 
 def _check_resources(res: dict, cpus: float, gpus: float, local: bool) -> None:
@@ -284,7 +288,7 @@ def segment_ray(seg: FewShotSegmenter, queries: Iterable[str | Path] | QueryList
         if todo:
             started = _init_ray(ray, address, ray_init)
             res = ray.cluster_resources()
-            _check_resources(res, cpus_per_actor, gpus_per_actor, started)
+            _check_resources(res, cpus_per_actor, gpus_per_actor, started and _starts_local(address))
             if actors is None:
                 have = res.get("GPU", 0) / gpus_per_actor if gpus_per_actor > 0 else res.get("CPU", 1) / cpus_per_actor
                 actors = max(1, int(have))
@@ -293,8 +297,7 @@ def segment_ray(seg: FewShotSegmenter, queries: Iterable[str | Path] | QueryList
             ship = seg if seg.device.type == "cpu" else copy.deepcopy(seg).to("cpu")
             renamed = {p: n for p, (n, _) in by_read.items() if n != PurePosixPath(p).stem}
             shipped = ray.put({"seg": ship, "names": renamed})
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
+            ray.data.DataContext.get_current().enable_progress_bars = False    # ours is the tqdm bar below
             ds = ray.data.read_binary_files(todo, include_paths=True, filesystem=ql.filesystem,
                                             override_num_blocks=max(1, math.ceil(len(todo) / batch_size)),
                                             num_cpus=0, concurrency=n_actors)   # I/O: the CPUs go to the actors
