@@ -121,14 +121,15 @@ def main() -> None:
             old = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
-                segment_folder(seg, qs, out, progress=False)
+                assert not segment_folder(seg, qs, out, progress=False).errors
             finally:
                 torch.set_num_threads(old)
         return run
 
     def on_ray(actors):
         def run(qs, out):
-            segment_ray(seg, qs, out, actors=actors, cpus_per_actor=1, batch_size=a.batch_size, progress=False)
+            res = segment_ray(seg, qs, out, actors=actors, cpus_per_actor=1, batch_size=a.batch_size, progress=False)
+            assert res.computed == len(qs) and not res.errors
         return run
 
     configs = {"local, 1 thread": local(1), "local, 2 threads": local(2),
@@ -144,6 +145,8 @@ def main() -> None:
                     t = time.perf_counter()
                     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
                     ray_starts.append(time.perf_counter() - t)
+                    with tempfile.TemporaryDirectory() as warm:   # Ray starts its worker pool on first use
+                        on_ray(2)(queries[:4], Path(warm) / "out")
                 elif not name.startswith("ray") and ray.is_initialized():
                     ray.shutdown()
                 for n in a.n:
