@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,onnx,serve,serve-test]'
+	$(BIN)/pip install -q -e '.[dev,onnx,serve,serve-test,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -5,6 +5,7 @@ PNG, CSV or JSON.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from contextlib import contextmanager
@@ -43,17 +44,28 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
-def write_png(path: str | Path, array: np.ndarray) -> None:
-    """uint8 HxW (grey) or HxWx3 (RGB) array -> PNG, atomically."""
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 HxW (grey) or HxWx3 (RGB) array, or a bool mask (-> 0/255), as PNG bytes."""
     from PIL import Image
     a = np.asarray(array)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
-    with atomic_open(path, "wb") as f:
-        Image.fromarray(a).save(f, format="PNG")
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 88) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """uint8 HxW (grey) or HxWx3 (RGB) array -> PNG, atomically."""
+    write_bytes(path, encode_png(array))
 
 
 def write_jpeg(path: str | Path, array: np.ndarray, quality: int = 88) -> None:
-    from PIL import Image
-    with atomic_open(path, "wb") as f:
-        Image.fromarray(np.asarray(array)).save(f, format="JPEG", quality=quality)
+    write_bytes(path, encode_jpeg(array, quality))

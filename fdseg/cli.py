@@ -71,16 +71,46 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from .segmenter import FewShotSegmenter
     _threads(a)
     supports = [(Path(i), Path(m)) for i, m in a.support]
-    seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size, **_segmenter_kwargs(a))
-    seg.fit([s[0] for s in supports], [s[1] for s in supports])
-    queries = collect_queries(a.query)
-    res = segment_folder(seg, queries, a.out, progress=not a.no_progress, resume=a.resume, supports=supports)
+    if a.engine == "ray":
+        res = _segment_ray(a, supports)
+    else:
+        seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size, **_segmenter_kwargs(a))
+        seg.fit([s[0] for s in supports], [s[1] for s in supports])
+        queries = collect_queries(a.query)
+        res = segment_folder(seg, queries, a.out, progress=not a.no_progress, resume=a.resume, supports=supports)
     n_def = sum(1 for r in res.rows if r["status"] == "ok" and r["defect_fraction"] > 0)
     print(f"{len(res.rows) - len(res.errors)} queries segmented ({n_def} with defects), "
-          f"{len(res.errors)} skipped -> {Path(a.out) / 'report.html'}")
+          f"{len(res.errors)} skipped -> {a.out.rstrip('/')}/report.html")
     for r in res.errors:
         print(f"  skipped {r['file']}: {r['error']}", file=sys.stderr)
     return 0 if not res.errors else 3
+
+
+# -- segment --engine ray (fdseg/segment_ray.py; needs the `ray` extra) ----------------------------
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out (--engine ray, needs fdseg[ray])")
+    g.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: a pool of Ray actors (Ray Data)")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to use (auto, ray://HEAD:10001, ...; default: RAY_ADDRESS or a local Ray)")
+    g.add_argument("--actors", type=int, default=None, help="actor pool size (default: cluster CPUs / --cpus-per-actor)")
+    g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default 1)")
+    g.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor; > 0 runs the actors on CUDA (default: 1 with --device cuda, else 0)")
+    g.add_argument("--batch-size", type=int, default=8, help="images per actor call (default 8)")
+
+
+def _segment_ray(a: argparse.Namespace, supports: list[tuple[Path, Path]]):
+    from .segment_ray import import_ray, list_queries, segment_ray
+    from .segmenter import FewShotSegmenter
+    import_ray()                                   # a missing extra fails before any work
+    gpus = a.gpus_per_actor if a.gpus_per_actor is not None else (1.0 if a.device.startswith("cuda") else 0.0)
+    # fitted on the driver's CPU and shipped; the actors move it to their own device
+    seg = FewShotSegmenter(method=a.method, **{**_segmenter_kwargs(a), "device": "cpu"})
+    seg.fit([s[0] for s in supports], [s[1] for s in supports])
+    return segment_ray(seg, list_queries(a.query), a.out, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
+                       gpus_per_actor=gpus, batch_size=a.batch_size, resume=a.resume,
+                       progress=not a.no_progress, supports=supports, address=a.ray_address)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -185,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="skip queries already finished in OUT")
     s.add_argument("--no-progress", action="store_true")
     _add_model_args(s)
+    _add_ray_args(s)
     s.set_defaults(func=cmd_segment)
 
     b = sub.add_parser("bench", help="evaluate methods with the paper's episode protocol")

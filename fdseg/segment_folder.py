@@ -21,8 +21,8 @@ from typing import Iterable
 
 import numpy as np
 
-from .atomic import write_jpeg, write_png, write_text
-from .data.images import is_image_file
+from .atomic import encode_jpeg, encode_png, write_bytes, write_jpeg, write_text
+from .data.images import ImageLike, is_image_file
 from .errors import FdsegError, InputError
 from .report.html import card, esc, table, write_page
 from .report.overlay import GREEN, overlay
@@ -41,7 +41,9 @@ def collect_queries(items: Iterable[str | Path]) -> list[Path]:
         elif p.exists():
             out.append(p)
         else:
-            matches = sorted(Path().glob(str(it))) if any(c in str(it) for c in "*?[") else []
+            base = Path(p.anchor) if p.is_absolute() else Path()    # pathlib globs only relative patterns
+            matches = sorted(base.glob(str(p.relative_to(base) if p.is_absolute() else it))) \
+                if any(c in str(it) for c in "*?[") else []
             if not matches:
                 raise InputError(p, "query file or folder does not exist")
             out.extend(m for m in matches if m.is_file())
@@ -50,7 +52,8 @@ def collect_queries(items: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
+def _unique_names(paths: list) -> list[str]:
+    """Output name of each query: its file stem, ``STEM_1``, ``STEM_2`` ... for repeated stems."""
     seen: dict[str, int] = {}
     names = []
     for p in paths:
@@ -71,13 +74,6 @@ class FolderResult:
         return [r for r in self.rows if r["status"] != "ok"]
 
 
-def write_outputs(out: Path, name: str, pred: Prediction, rgb: np.ndarray) -> None:
-    """The three images of one query, each written atomically."""
-    write_png(out / "masks" / f"{name}.png", pred.mask)
-    write_png(out / "scores" / f"{name}.png", np.round(pred.score * 255).astype(np.uint8))
-    write_jpeg(out / "overlays" / f"{name}.jpg", overlay(rgb, pred.mask))
-
-
 def _row(name: str, path: Path, pred: Prediction | None, error: str | None = None) -> dict:
     if pred is None:
         return {"query": name, "file": str(path), "width": None, "height": None, "defect_fraction": None,
@@ -89,20 +85,46 @@ def _row(name: str, path: Path, pred: Prediction | None, error: str | None = Non
             "status": "ok", "error": ""}
 
 
+def query_outputs(name: str, rgb: np.ndarray, pred: Prediction) -> dict[str, bytes]:
+    """The files of one query, relative to the output folder -> their encoded bytes."""
+    return {f"masks/{name}.png": encode_png(pred.mask),
+            f"scores/{name}.png": encode_png(np.round(pred.score * 255).astype(np.uint8)),
+            f"overlays/{name}.jpg": encode_jpeg(overlay(rgb, pred.mask))}
+
+
+def segment_one(seg: FewShotSegmenter, name: str, file: str | Path,
+                image: ImageLike | None = None) -> tuple[dict, dict[str, bytes]]:
+    """Segment one query -> (summary row, its output files); a bad query -> (error row, {}).
+
+    ``image`` is the query itself when it is not read from ``file`` (e.g. bytes a Ray reader read);
+    ``file`` names it in the row and in errors. Both engines (local and Ray) go through here."""
+    try:
+        rgb = seg.load(file if image is None else image, name=str(file))
+        pred = seg.predict(rgb)
+        return _row(name, file, pred), query_outputs(name, rgb, pred)
+    except FdsegError as e:
+        return _row(name, file, None, str(e)), {}
+
+
+def read_log(text: str) -> dict[str, dict]:
+    """``summary.jsonl`` text -> {query name: row}; a torn last line (killed mid-write) is ignored."""
+    done: dict[str, dict] = {}
+    for ln in text.splitlines():
+        try:
+            r = json.loads(ln)
+            done[r["query"]] = r
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return done
+
+
 def segment_folder(seg: FewShotSegmenter, queries: list[Path], out: str | Path, *, progress: bool = True,
                    resume: bool = False, supports: list[tuple[Path, Path]] | None = None) -> FolderResult:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = _unique_names(queries)
     log_path = out / "summary.jsonl"
-    done: dict[str, dict] = {}
-    if resume and log_path.exists():
-        for ln in log_path.read_text().splitlines():
-            try:
-                r = json.loads(ln)
-                done[r["query"]] = r
-            except (json.JSONDecodeError, KeyError):
-                continue
+    done = read_log(log_path.read_text()) if resume and log_path.exists() else {}
     write_text(log_path, "".join(json.dumps(r) + "\n" for r in done.values()))
     todo = [(n, q) for n, q in zip(names, queries) if n not in done or done[n]["status"] != "ok"]
     bar = None
@@ -110,15 +132,17 @@ def segment_folder(seg: FewShotSegmenter, queries: list[Path], out: str | Path, 
         from tqdm import tqdm
         bar = tqdm(total=len(queries), initial=len(queries) - len(todo), desc="segment", unit="img", dynamic_ncols=True)
     with open(log_path, "a", encoding="utf-8") as log:
-        # predict_stream yields in input order, one result per query
+        # predict_stream decodes ahead and batches the backbone; it yields in input order
         for (name, q), (_, res) in zip(todo, seg.predict_stream([q for _, q in todo])):
             try:
                 if isinstance(res, BaseException):
                     raise res
-                write_outputs(out, name, res, res.image if res.image is not None else seg.load(q))
-                row = _row(name, q, res)
+                rgb = res.image if res.image is not None else seg.load(q)
+                files, row = query_outputs(name, rgb, res), _row(name, q, res)
             except FdsegError as e:
-                row = _row(name, q, None, str(e))
+                files, row = {}, _row(name, q, None, str(e))
+            for rel, data in files.items():
+                write_bytes(out / rel, data)
             log.write(json.dumps(row) + "\n")
             log.flush()
             os.fsync(log.fileno())

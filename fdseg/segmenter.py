@@ -250,6 +250,22 @@ class FewShotSegmenter:
         return {**self.settings, "device": str(self.device), "supports": self.n_supports,
                 **({"matching": self.method.describe()} if self.n_supports else {})}
 
+    def to(self, device: str) -> "FewShotSegmenter":
+        """Move the backbone and the fitted support state to ``device`` (cpu, cuda, auto); returns self.
+
+        A segmenter fitted on one device (or unpickled on another machine) predicts on another."""
+        self.device = torch.device(_pick_device(device))
+        if self.extractor is not None:
+            self.extractor.device = self.device
+            self.extractor.backbone.to(self.device)
+        if hasattr(self.method, "to"):
+            self.method.to(self.device)
+        else:
+            for k, v in vars(self.method).items():
+                if isinstance(v, (torch.Tensor, torch.nn.Module)):
+                    setattr(self.method, k, v.to(self.device))
+        return self
+
 
 def _pick_device(device: str) -> str:
     if device == "auto":

@@ -14,6 +14,7 @@ Rules (documented in the README):
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Union
@@ -23,7 +24,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
 
-ImageLike = Union[str, Path, np.ndarray, Image.Image]
+#: a path, an image already in memory, or the bytes of an encoded image file (PNG, JPEG, ...)
+ImageLike = Union[str, Path, np.ndarray, Image.Image, bytes]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -42,8 +44,13 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise InputError(path, "file does not exist")
     if path.is_dir():
         raise InputError(path, "is a folder, expected an image file")
+    return _open_file(path, path, max_pixels)
+
+
+def _open_file(fp, path, max_pixels: int) -> Image.Image:
+    """Open and decode one encoded image (a path or a binary file object); ``path`` names it in errors."""
     try:
-        im = Image.open(path)
+        im = Image.open(fp)
     except UnidentifiedImageError:
         raise InputError(path, "not a readable image (unknown or corrupt format)") from None
     except OSError as e:
@@ -114,6 +121,9 @@ def load_image(image: ImageLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         path = Path(image)
         src = name or str(path)
         rgb = pil_to_rgb(_open(path, max_pixels))
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        src = name or "image bytes"
+        rgb = pil_to_rgb(_open_file(io.BytesIO(image), src, max_pixels))
     elif isinstance(image, Image.Image):
         src = name or "PIL image"
         if image.size[0] * image.size[1] > max_pixels:
@@ -125,7 +135,7 @@ def load_image(image: ImageLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             raise InputError(src, f"image is {image.shape[1]}x{image.shape[0]}, over the {max_pixels:,}-pixel limit")
         rgb = array_to_rgb(image, src)
     else:
-        raise InputError(name, f"expected an image path, PIL image or numpy array, got {type(image).__name__}")
+        raise InputError(name, f"expected an image path, encoded image bytes, PIL image or numpy array, got {type(image).__name__}")
     h, w = rgb.shape[:2]
     if min(h, w) < min_size:
         raise InputError(src, f"image is {w}x{h}, smaller than the {min_size} px the backbone needs")
