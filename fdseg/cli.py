@@ -97,7 +97,7 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default 1)")
     g.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per actor; > 0 runs the actors on CUDA (default: 1 with --device cuda, else 0)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per actor call (default 8)")
+    g.add_argument("--ray-batch-size", type=int, default=8, help="images per actor call (default 8)")
 
 
 def _segment_ray(a: argparse.Namespace, supports: list[tuple[Path, Path]]):
@@ -109,7 +109,7 @@ def _segment_ray(a: argparse.Namespace, supports: list[tuple[Path, Path]]):
     seg = FewShotSegmenter(method=a.method, **{**_segmenter_kwargs(a), "device": "cpu"})
     seg.fit([s[0] for s in supports], [s[1] for s in supports])
     return segment_ray(seg, list_queries(a.query), a.out, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
-                       gpus_per_actor=gpus, batch_size=a.batch_size, resume=a.resume,
+                       gpus_per_actor=gpus, batch_size=a.ray_batch_size, resume=a.resume,
                        progress=not a.no_progress, supports=supports, address=a.ray_address)
 
 

@@ -49,5 +49,12 @@ class FeatureCache:
             while len(self._d) > self.max_items:
                 self._d.popitem(last=False)
 
+    def __getstate__(self):
+        # shipped to another process (Ray actors, pickling): the size travels, not the entries or lock
+        return {"max_items": self.max_items}
+
+    def __setstate__(self, state):
+        self.__init__(state["max_items"])
+
     def __len__(self) -> int:
         return len(self._d)

@@ -75,7 +75,7 @@ def test_ray_cli_matches_local_path_image_for_image(ray_local, defects_root, sup
     args = ["segment", "--support", str(support[0]), str(support[1]), "--query", str(q), str(q / "sub"),
             "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "local")]) == 3
-    assert main(args + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--batch-size", "2"]) == 3
+    assert main(args + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--ray-batch-size", "2"]) == 3
     err = capsys.readouterr().err
     assert "broken.png" in err and "Traceback" not in err
     local, ray_out = _files(tmp_path / "local"), _files(tmp_path / "ray")
