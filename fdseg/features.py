@@ -60,12 +60,16 @@ class FeatureExtractor:
     """Backbone + preprocessing + grid: ``rgb uint8 HxWx3 -> C x gh x gw``."""
 
     def __init__(self, backbone: Backbone, preprocess: Preprocess | None = None,
-                 config: FeatureConfig | None = None, device: str | torch.device = "cpu"):
+                 config: FeatureConfig | None = None, device: str | torch.device = "cpu",
+                 amp: bool | None = None):
         self.backbone = backbone
         self.preprocess = preprocess or Preprocess()
         self.config = config or FeatureConfig()
         self.device = torch.device(device)
         self.backbone.to(self.device)
+        # bf16 autocast for the backbone where the hardware runs it fast (a GPU; not an AVX2 CPU)
+        from .hardware import fast_bf16
+        self.amp = fast_bf16(self.device) if amp is None else amp
         if self.preprocess.size % self.config.stride:
             raise InputError("--feature-stride", "input size must be a multiple of the feature stride")
 
@@ -80,7 +84,9 @@ class FeatureExtractor:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input B x 3 x H x W -> B x C x H/stride x W/stride."""
         grid = (x.shape[-2] // self.config.stride, x.shape[-1] // self.config.stride)
-        return combine_layers(self.backbone(x), grid, self.config.local_avg)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            maps = self.backbone(x)
+        return combine_layers(maps, grid, self.config.local_avg)
 
     @torch.inference_mode()
     def __call__(self, rgb: np.ndarray) -> torch.Tensor:
@@ -94,8 +100,8 @@ class FeatureExtractor:
         for i, im in enumerate(images):
             by_size.setdefault(self.preprocess.input_size(*im.shape[:2]), []).append(i)
         for (H, W), idx in by_size.items():
-            xs = [resize_image(to_tensor(images[i]), (H, W), self.preprocess.antialias) for i in idx]
-            x = self.backbone.normalize(torch.cat(xs).to(self.device))
+            xs = [resize_image(to_tensor(images[i], self.device), (H, W), self.preprocess.antialias) for i in idx]
+            x = self.backbone.normalize(torch.cat(xs))
             tiles = self.preprocess.tiles(H, W)
             feats = self._forward(x) if len(tiles) == 1 else self._tiled(x, tiles)
             for j, i in enumerate(idx):

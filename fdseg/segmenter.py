@@ -92,7 +92,8 @@ class FewShotSegmenter:
                  local_avg: int = 1, threshold: float = 0.0, device: str = "cpu",
                  weights: str | Path | None = None, backbone_options: dict | None = None,
                  method_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2):
+                 cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2,
+                 support_augment: str = "none"):
         self.settings = dict(backbone=backbone, method=method, input_size=input_size, resize=resize,
                              tile_scale=tile_scale, tile_overlap=tile_overlap, antialias=antialias,
                              feature_stride=feature_stride, local_avg=local_avg, threshold=threshold,
@@ -113,7 +114,14 @@ class FewShotSegmenter:
         if hasattr(self.method, "to"):
             self.method.to(self.device)
         self.n_supports = 0
+        if support_augment not in AUGMENTATIONS:
+            raise InputError("support_augment", f"choose from {', '.join(AUGMENTATIONS)}, got {support_augment!r}")
+        self.support_augment = support_augment
+        self.settings["support_augment"] = support_augment
         self.cache = FeatureCache(cache_size)
+        # what the cached features depend on: segmenters with equal tags may share one cache
+        self._feature_tag = repr((backbone, self.settings["weights"], sorted((backbone_options or {}).items()),
+                                  self.preprocess, feature_stride, local_avg))
         self.batch_size = max(1, int(batch_size))
         self.loader_threads = max(1, int(loader_threads))
 
@@ -143,9 +151,25 @@ class FewShotSegmenter:
             check_support_mask(mask, _name(m, i, "support mask"))
             cov = mask_coverage(mask, tuple(feats.shape[-2:])).to(feats.device) if feats is not None else None
             supports.append(Support(rgb, mask, feats, cov))
+        n = len(supports)
+        if self.support_augment != "none" and self.extractor is not None:
+            supports += self._augmented(supports, images)
         self.method.fit(supports)
-        self.n_supports = len(supports)
+        self.n_supports = n
         return self
+
+    def _augmented(self, supports: list[Support], images) -> list[Support]:
+        """Flipped / rotated copies of the supports (their own backbone passes)."""
+        ops = AUGMENTATIONS[self.support_augment]
+        out = []
+        for i, s in enumerate(supports):
+            rgb = s.image if s.image is not None else self.load(images[i], _name(images[i], i, "support image"))
+            ims = [np.ascontiguousarray(op(rgb)) for op in ops]
+            feats = self.extractor.batch(ims)
+            for op, f in zip(ops, feats):
+                m = np.ascontiguousarray(op(s.mask))
+                out.append(Support(None, m, f, mask_coverage(m, tuple(f.shape[-2:])).to(f.device)))
+        return out
 
     # -- loading + features (shared by fit and predict) ------------------------
     def _needs_image(self) -> bool:
@@ -153,7 +177,10 @@ class FewShotSegmenter:
 
     def _load(self, image: ImageLike, name: str):
         """-> [rgb or None, features or None, (H, W), cache key]; a cached file is not decoded."""
-        key = file_key(image) if isinstance(image, (str, Path)) and self.extractor is not None else None
+        key = None
+        if isinstance(image, (str, Path)) and self.extractor is not None:
+            fk = file_key(image)
+            key = None if fk is None else (fk, self._feature_tag)
         hit = self.cache.get(key)
         if hit is not None and not self._needs_image():
             return [None, hit[0], hit[1], key]
@@ -265,6 +292,14 @@ class FewShotSegmenter:
                 if isinstance(v, (torch.Tensor, torch.nn.Module)):
                     setattr(self.method, k, v.to(self.device))
         return self
+
+
+AUGMENTATIONS = {
+    "none": [],
+    "flip": [lambda a: a[:, ::-1], lambda a: a[::-1]],
+    "dihedral": [lambda a: a[:, ::-1], lambda a: a[::-1], lambda a: a[::-1, ::-1], lambda a: np.rot90(a, 1),
+                 lambda a: np.rot90(a, 3), lambda a: np.rot90(a, 1)[::-1], lambda a: np.rot90(a, 1)[:, ::-1]],
+}
 
 
 def _pick_device(device: str) -> str:

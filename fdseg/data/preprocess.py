@@ -77,9 +77,9 @@ def _starts(n: int, size: int, overlap: int, multiple: int) -> list[int]:
     return sorted(set(starts))
 
 
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> 1x3xHxW float32 (0..255)."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+def to_tensor(rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """HxWx3 uint8 -> 1x3xHxW float32 (0..255), on ``device`` (uint8 travels, float is made there)."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None].float()
 
 
 def resize_image(x: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:

@@ -44,3 +44,22 @@ def greedy_coreset(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
         chosen[i] = j
         dist = torch.minimum(dist, 2 - 2 * (x @ x[j]))
     return chosen
+
+
+def kth_self_similarity(q: torch.Tensor, h: int, w: int, k: int, radius: int = 1,
+                        chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """For each of the h*w query cells (rows of q), its k-th highest cosine to the other cells
+    of the same query farther than ``radius`` cells away: how common its appearance is in
+    the query itself (a small defect is rare there)."""
+    m = q.shape[0]
+    k = max(1, min(k, m - (2 * radius + 1) ** 2))
+    ys = torch.arange(h, device=q.device).repeat_interleave(w)
+    xs = torch.arange(w, device=q.device).repeat(h)
+    out = torch.empty(m, dtype=torch.float32, device=q.device)
+    step = max(1, chunk // m)
+    for i in range(0, m, step):
+        sim = q[i:i + step] @ q.T
+        near = ((ys[i:i + step, None] - ys[None]).abs() <= radius) & ((xs[i:i + step, None] - xs[None]).abs() <= radius)
+        sim.masked_fill_(near, -2.0)
+        out[i:i + step] = sim.topk(k, dim=1).values[:, -1]
+    return out
