@@ -127,6 +127,36 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_meta(a: argparse.Namespace) -> int:
+    from .train_meta import FeatureSpec, TrainConfig, evaluate, lodo, train
+    from .bench import markdown_table
+    from .errors import InputError
+    _threads(a)
+    spec = FeatureSpec(backbone=a.backbone, weights=a.weights, input_size=a.size, feature_stride=a.feature_stride)
+    cfg = TrainConfig(data=Path(a.data), out=Path(a.out), train_datasets=a.train_datasets or [],
+                      test_datasets=a.test_datasets or [], skip_first_per_class=a.skip_first_per_class,
+                      features=spec, cache=Path(a.cache) if a.cache else None, steps=a.steps, batch=a.batch,
+                      shots=a.train_shots, lr=a.lr, align_weight=a.align_weight, dim=a.dim, hidden=a.hidden,
+                      pool=a.pool,                       seed=a.seed, save_every=a.save_every, max_minutes=a.max_minutes, progress=not a.no_progress)
+    if a.lodo:
+        if a.train_datasets:
+            raise InputError("--lodo", "trains on every dataset but the held-out one: drop --train-datasets")
+        for ds, res in lodo(cfg, Path(a.out), a.shots, a.max_per_class, a.test_datasets or None).items():
+            print(f"## meta, {ds} held out\n" + markdown_table(res))
+        return 0
+    ck = train(cfg)
+    c = ck["curve"]
+    print(f"trained {ck['step']}/{cfg.steps} steps in {ck['seconds'] / 60:.1f} min "
+          f"({ck.get('cpu_seconds', 0) / 60:.1f} CPU min); loss "
+          f"{c[0][1]:.3f} (first 10 steps) -> {c[-1][1]:.3f} (last) -> {cfg.checkpoint}")
+    if cfg.test_datasets and ck["step"] >= cfg.steps:
+        res = evaluate(cfg.checkpoint, cfg.data, Path(a.out) / "eval", cfg.test_datasets, a.shots,
+                       a.max_per_class, cfg.progress)
+        print(markdown_table(res))
+    print(f"use it with: --method meta --method-option checkpoint={cfg.checkpoint}")
+    return 0
+
+
 def cmd_datasets(a: argparse.Namespace) -> int:
     from .data.layouts import scan, validate
     cat = scan(a.root, a.layout)
@@ -234,6 +264,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute every support's features in every episode (the paper's loop; for timing)")
     _add_model_args(b, methods_multi=True)
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train-meta", help="train the meta-learning baseline (method 'meta') episodically")
+    t.add_argument("--data", required=True, help="dataset root")
+    t.add_argument("--out", required=True, help="output folder: OUT/meta.pt (rerun to resume)")
+    t.add_argument("--train-datasets", nargs="+", default=None, help="datasets to train on")
+    t.add_argument("--test-datasets", nargs="+", default=None, help="evaluate on these after training (bench)")
+    t.add_argument("--lodo", action="store_true",
+                   help="leave-one-dataset-out: each dataset (or each of --test-datasets) in turn held out, "
+                        "trained on all the others -> OUT/DATASET/meta.pt and OUT/DATASET/eval/")
+    t.add_argument("--skip-first-per-class", type=int, default=0,
+                   help="never train on the first N images of each class (in-domain training; evaluate "
+                        "with --max-per-class N)")
+    t.add_argument("--steps", type=int, default=1200, help="optimiser steps (default 1200)")
+    t.add_argument("--batch", type=int, default=4, help="episodes per step (default 4)")
+    t.add_argument("--train-shots", type=int, default=1, help="supports per training episode (default 1)")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--align-weight", type=float, default=1.0, help="prototype-alignment loss weight (0 = off)")
+    t.add_argument("--dim", type=int, default=64, help="projected feature channels (default 64)")
+    t.add_argument("--hidden", type=int, default=32, help="head channels (default 32)")
+    t.add_argument("--pool", type=int, default=2, help="average-pool the feature grid (default 2: 32 x 32 cells)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this training time")
+    t.add_argument("--cache", default=None, help="feature cache folder (default: beside OUT)")
+    t.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="evaluation shots (default 1 5)")
+    t.add_argument("--max-per-class", type=int, default=None, help="evaluate on the first N images per class")
+    t.add_argument("--backbone", default="efficientnet_lite0", help="frozen backbone (default efficientnet_lite0)")
+    t.add_argument("--weights", default=None, help="backbone weights file")
+    t.add_argument("--size", type=int, default=256, help="network input size (images squeezed to size x size)")
+    t.add_argument("--feature-stride", type=int, default=4)
+    t.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train_meta)
 
     d = sub.add_parser("datasets", help="list and validate the datasets under a root folder")
     d.add_argument("root")
