@@ -11,7 +11,8 @@ Runs (each resumable: rerun the same command after a kill):
 3. (``--in-domain``) meta trained on every dataset but never on the evaluated images (the
    first ``--max-per-class`` of each class are skipped)  -> OUT/indomain/
 4. writes OUT/comparison.md (rows = methods x shots, columns = datasets: mIoU / FB-IoU, class-mean
-   mIoU, median ms per query) and OUT/comparison.json.
+   mIoU, median ms per query) and OUT/comparison.json, from the run logs, on the episodes that
+   every method finished (``--table-only`` rebuilds it from partial runs).
 
 All methods see the same episodes: they are drawn per dataset from the seed alone.
 """
@@ -26,53 +27,84 @@ from fdseg.atomic import write_text
 from fdseg.cli import main as fdseg
 
 
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _jsonl(path: Path) -> dict[str, dict]:
+    """Finished episodes of one bench run log (fdseg/bench.py RunLog), by episode id."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for ln in path.read_text().splitlines()[1:]:
+        try:
+            r = json.loads(ln)
+        except ValueError:
+            continue
+        if "error" not in r:
+            out[r["id"]] = r
+    return out
 
 
-def collect(out: Path, datasets: list[str], in_domain: bool) -> list[dict]:
-    """-> rows {label, shots, per dataset {miou, fbiou, ms, class_iou}} from the finished runs."""
-    rows = []
-    base = _load(out / "baselines" / "results.json")
-    for r in base["runs"]:
-        rows.append({"label": f"{r['method']} (training-free)", "shots": r["shots"],
-                     "cells": {d["dataset"]: {**d, "ms": r["ms_per_query_by_dataset"][d["dataset"]]}
-                               for d in r["datasets"]}})
-    for shots in sorted({r["shots"] for r in base["runs"]}):
-        cells = {}
+def collect(out: Path, data: str, datasets: list[str], shots: list[int], max_per_class: int | None,
+            in_domain: bool) -> dict[int, list[dict]]:
+    """Per shot count: rows {label, cells: {dataset: scores}} computed from the run logs on the
+    episodes that *every* row has finished (so partial runs still compare like with like)."""
+    from fdseg.data.episodes import make_episodes
+    from fdseg.data.layouts import scan
+    from fdseg.metrics import dataset_scores
+    cat = scan(data).subset(datasets, None, max_per_class)
+    res = {}
+    for k in shots:
+        eps = make_episodes(cat, k, 2)
+        logs = {"fm (training-free)": _jsonl(out / "baselines" / "runs" / f"fm_{k}shot.jsonl"),
+                "proto (training-free)": _jsonl(out / "baselines" / "runs" / f"proto_{k}shot.jsonl")}
+        lodo: dict[str, dict] = {}
         for ds in datasets:
-            p = out / "lodo" / ds / "eval" / "results.json"
-            if not p.is_file():
-                continue
-            for r in _load(p)["runs"]:
-                if r["shots"] == shots:
-                    for d in r["datasets"]:
-                        cells[d["dataset"]] = {**d, "ms": r["ms_per_query_by_dataset"][d["dataset"]]}
-        rows.append({"label": "meta, dataset held out (LODO)", "shots": shots, "cells": cells})
-        p = out / "indomain" / "eval" / "results.json"
-        if in_domain and p.is_file():
-            for r in _load(p)["runs"]:
-                if r["shots"] == shots:
-                    rows.append({"label": "meta, in-domain (trained on other images of all 5)", "shots": shots,
-                                 "cells": {d["dataset"]: {**d, "ms": r["ms_per_query_by_dataset"][d["dataset"]]}
-                                           for d in r["datasets"]}})
-    return sorted(rows, key=lambda r: (r["shots"], r["label"]))
+            lodo.update(_jsonl(out / "lodo" / ds / "eval" / "runs" / f"meta_{k}shot.jsonl"))
+        logs["meta, held-out dataset (LODO)"] = lodo
+        if in_domain:
+            logs["meta, in-domain (other images, all 5)"] = _jsonl(out / "indomain" / "eval" / "runs" / f"meta_{k}shot.jsonl")
+        common = set.intersection(*(set(v) for v in logs.values()))
+        rows = []
+        for label, recs in logs.items():
+            cells = {}
+            for ds in datasets:
+                ids = [e.id for e in eps if e.dataset == ds]
+                got = [recs[i] for i in ids if i in common]
+                if not got:
+                    continue
+                sc = dataset_scores(ds, sorted(cat.classes[ds]), got).as_dict()
+                sc["ms"] = statistics.median(r["fit_ms"] + r["predict_ms"] for r in got)
+                sc["complete"] = len(got) == len(ids)
+                sc["n"], sc["of"] = len(got), len(ids)
+                cells[ds] = sc
+            rows.append({"label": label, "shots": k, "cells": cells})
+        res[k] = rows
+    return res
 
 
 def table(rows: list[dict], datasets: list[str]) -> str:
     head = "| method | shots | " + " | ".join(datasets) + " | class-mean mIoU | ms/query |"
     lines = [head, "|" + "---|" * (len(datasets) + 4)]
+    partial = False
     for r in rows:
         c = r["cells"]
-        cells = [f"{100 * c[d]['miou']:.1f} / {100 * c[d]['fbiou']:.1f}" if d in c else "-" for d in datasets]
+        cells = []
+        for d in datasets:
+            if d not in c:
+                cells.append("-")
+                continue
+            star = "" if c[d]["complete"] else f" ({c[d]['n']}/{c[d]['of']} eps)"
+            partial |= bool(star)
+            cells.append(f"{100 * c[d]['miou']:.1f} / {100 * c[d]['fbiou']:.1f}{star}")
         ious = [v for d in datasets if d in c for v in c[d]["class_iou"].values()]
-        cm = f"**{100 * statistics.mean(ious):.1f}**" if ious and all(d in c for d in datasets) else "-"
+        done = all(d in c and c[d]["complete"] for d in datasets)
+        cm = f"**{100 * statistics.mean(ious):.1f}**" if ious and done else "-"
         ms = [c[d]["ms"] for d in datasets if d in c]
         ms_cell = f"{statistics.median(ms):.0f}" if ms else "-"
         lines.append(f"| {r['label']} | {r['shots']} | " + " | ".join(cells) + f" | {cm} | {ms_cell} |")
     lines.append("")
-    lines.append("Cells: mIoU / FB-IoU x 100. class-mean = mean IoU over every class of every dataset. "
-                 "ms/query = median over datasets of the median fit + predict time per episode.")
+    lines.append("Cells: mIoU / FB-IoU x 100 on the episodes every row finished. class-mean = mean IoU over every "
+                 "class of every dataset (only when all are complete). ms/query = median over datasets of the "
+                 "median fit + predict time per episode." +
+                 (" (n/N eps): only n of the N episodes were finished by every method." if partial else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -99,10 +131,10 @@ def run(a: argparse.Namespace) -> None:
             rc = fdseg(j)
             if rc:
                 raise SystemExit(rc)
-    rows = collect(out, datasets, a.in_domain)
-    md = table(rows, datasets)
+    by_k = collect(out, a.data, datasets, a.shots, a.max_per_class, a.in_domain)
+    md = "\n".join(table(rows, datasets) for rows in by_k.values())
     write_text(out / "comparison.md", md)
-    write_text(out / "comparison.json", json.dumps(rows, indent=1))
+    write_text(out / "comparison.json", json.dumps({str(k): v for k, v in by_k.items()}, indent=1))
     print(md)
 
 
