@@ -43,24 +43,28 @@ def _jsonl(path: Path) -> dict[str, dict]:
 
 
 def collect(out: Path, data: str, datasets: list[str], shots: list[int], max_per_class: int | None,
-            in_domain: bool) -> dict[int, list[dict]]:
+            in_domain: bool, max_per_class_5: int | None = None) -> dict[int, list[dict]]:
     """Per shot count: rows {label, cells: {dataset: scores}} computed from the run logs on the
     episodes that *every* row has finished (so partial runs still compare like with like)."""
     from fdseg.data.episodes import make_episodes
     from fdseg.data.layouts import scan
     from fdseg.metrics import dataset_scores
-    cat = scan(data).subset(datasets, None, max_per_class)
     res = {}
     for k in shots:
+        sep = k == 5 and _separate_5shot(max_per_class, max_per_class_5)
+        n = max_per_class_5 if sep else max_per_class
+        cat = scan(data).subset(datasets, None, n)
         eps = make_episodes(cat, k, 2)
-        logs = {"fm (training-free)": _jsonl(out / "baselines" / "runs" / f"fm_{k}shot.jsonl"),
-                "proto (training-free)": _jsonl(out / "baselines" / "runs" / f"proto_{k}shot.jsonl")}
+        suffix = "-5shot" if sep else ""
+        base, ev = out / f"baselines{suffix}" / "runs", f"eval{suffix}"
+        logs = {"fm (training-free)": _jsonl(base / f"fm_{k}shot.jsonl"),
+                "proto (training-free)": _jsonl(base / f"proto_{k}shot.jsonl")}
         lodo: dict[str, dict] = {}
         for ds in datasets:
-            lodo.update(_jsonl(out / "lodo" / ds / "eval" / "runs" / f"meta_{k}shot.jsonl"))
+            lodo.update(_jsonl(out / "lodo" / ds / ev / "runs" / f"meta_{k}shot.jsonl"))
         logs["meta, held-out dataset (LODO)"] = lodo
         if in_domain:
-            logs["meta, in-domain (other images, all 5)"] = _jsonl(out / "indomain" / "eval" / "runs" / f"meta_{k}shot.jsonl")
+            logs["meta, in-domain (other images, all 5)"] = _jsonl(out / "indomain" / ev / "runs" / f"meta_{k}shot.jsonl")
         common = set.intersection(*(set(v) for v in logs.values()))
         rows = []
         for label, recs in logs.items():
@@ -75,9 +79,13 @@ def collect(out: Path, data: str, datasets: list[str], shots: list[int], max_per
                 sc["complete"] = len(got) == len(ids)
                 sc["n"], sc["of"] = len(got), len(ids)
                 cells[ds] = sc
-            rows.append({"label": label, "shots": k, "cells": cells})
+            rows.append({"label": label, "shots": k, "max_per_class": n, "cells": cells})
         res[k] = rows
     return res
+
+
+def _separate_5shot(n: int | None, n5: int | None) -> bool:
+    return n5 is not None and n5 != n
 
 
 def table(rows: list[dict], datasets: list[str]) -> str:
@@ -110,7 +118,9 @@ def table(rows: list[dict], datasets: list[str]) -> str:
 
 def run(a: argparse.Namespace) -> None:
     out = Path(a.out)
-    common = ["--data", a.data, "--shots", *map(str, a.shots), "--threads", str(a.threads)]
+    sep5 = 5 in a.shots and _separate_5shot(a.max_per_class, a.max_per_class_5shot)
+    main_shots = [k for k in a.shots if not (sep5 and k == 5)]
+    common = ["--data", a.data, "--shots", *map(str, main_shots), "--threads", str(a.threads)]
     if a.max_per_class:
         common += ["--max-per-class", str(a.max_per_class)]
     if a.no_progress:
@@ -125,13 +135,24 @@ def run(a: argparse.Namespace) -> None:
             raise SystemExit("--in-domain needs --max-per-class N (training skips those first N images per class)")
         jobs.append(["train-meta", "--train-datasets", *datasets, "--test-datasets", *datasets,
                      "--skip-first-per-class", str(a.max_per_class), "--out", str(out / "indomain"), *common, *steps])
+    if sep5:
+        if a.in_domain and a.max_per_class_5shot > a.max_per_class:
+            raise SystemExit("--max-per-class-5shot must not exceed --max-per-class with --in-domain")
+        c5 = ["--data", a.data, "--shots", "5", "--threads", str(a.threads), "--max-per-class",
+              str(a.max_per_class_5shot)] + (["--no-progress"] if a.no_progress else [])
+        jobs.append(["bench", "--method", "fm", "proto", "--datasets", *datasets,
+                     "--out", str(out / "baselines-5shot"), *c5])
+        runs = [(out / "lodo" / ds, [ds]) for ds in datasets] + ([(out / "indomain", datasets)] if a.in_domain else [])
+        for d, dss in runs:
+            jobs.append(["bench", "--method", "meta", "--method-option", f"checkpoint={(d / 'meta.pt').resolve()}",
+                         "--datasets", *dss, "--out", str(d / "eval-5shot"), *c5])
     if not a.table_only:
         for j in jobs:
             print("fdseg " + " ".join(j), flush=True)
             rc = fdseg(j)
             if rc:
                 raise SystemExit(rc)
-    by_k = collect(out, a.data, datasets, a.shots, a.max_per_class, a.in_domain)
+    by_k = collect(out, a.data, datasets, a.shots, a.max_per_class, a.in_domain, a.max_per_class_5shot)
     md = "\n".join(table(rows, datasets) for rows in by_k.values())
     write_text(out / "comparison.md", md)
     write_text(out / "comparison.json", json.dumps({str(k): v for k, v in by_k.items()}, indent=1))
@@ -145,6 +166,8 @@ if __name__ == "__main__":
     p.add_argument("--datasets", nargs="+", default=None, help="default: every dataset under --data")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     p.add_argument("--max-per-class", type=int, default=None, help="evaluate on the first N images of each class")
+    p.add_argument("--max-per-class-5shot", type=int, default=None,
+                   help="evaluate 5-shot on the first N images per class instead (fm 5-shot is ~5x slower)")
     p.add_argument("--steps", type=int, default=800, help="train-meta steps per fold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
