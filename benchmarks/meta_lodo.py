@@ -116,6 +116,38 @@ def table(rows: list[dict], datasets: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def timing(data: str, checkpoint: Path, per_dataset: int, shots: list[int], threads: int) -> str:
+    """Paired speed: fm, proto and meta on the same episodes, interleaved episode by episode
+    (so background load hits them alike); every episode re-extracts its supports and query
+    (no cache: the paper's loop). -> markdown table of median ms."""
+    import time
+    import torch
+    from fdseg import FewShotSegmenter
+    from fdseg.data.episodes import make_episodes
+    from fdseg.data.layouts import scan
+    torch.set_num_threads(threads)
+    cat = scan(data)
+    segs = {"fm": FewShotSegmenter(method="fm"), "proto": FewShotSegmenter(method="proto"),
+            "meta": FewShotSegmenter(method="meta", method_options={"checkpoint": str(checkpoint)})}
+    lines = ["| shots | method | fit ms (median) | predict ms (median) | fit + predict ms | episodes |",
+             "|---|---|---|---|---|---|"]
+    for k in shots:
+        eps = [e for ds in cat.datasets for e in make_episodes(cat.subset([ds], None, 10), k, 2)[:per_dataset]]
+        t = {m: ([], []) for m in segs}
+        for e in eps:
+            for m, seg in segs.items():
+                t0 = time.perf_counter()
+                seg.fit([cat.root / p for p in e.supports], [cat.root / p for p in e.support_masks])
+                t1 = time.perf_counter()
+                seg.margins(cat.root / e.query)
+                t[m][0].append(1e3 * (t1 - t0))
+                t[m][1].append(1e3 * (time.perf_counter() - t1))
+        for m, (f, q) in t.items():
+            lines.append(f"| {k} | {m} | {statistics.median(f):.0f} | {statistics.median(q):.0f} | "
+                         f"{statistics.median([a + b for a, b in zip(f, q)]):.0f} | {len(f)} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(a: argparse.Namespace) -> None:
     out = Path(a.out)
     sep5 = 5 in a.shots and _separate_5shot(a.max_per_class, a.max_per_class_5shot)
@@ -146,6 +178,12 @@ def run(a: argparse.Namespace) -> None:
         for d, dss in runs:
             jobs.append(["bench", "--method", "meta", "--method-option", f"checkpoint={(d / 'meta.pt').resolve()}",
                          "--datasets", *dss, "--out", str(d / "eval-5shot"), *c5])
+    if a.timing:
+        ck = out / "lodo" / datasets[0] / "meta.pt"
+        md = timing(a.data, ck, a.timing, a.shots, a.threads)
+        write_text(out / "timing.md", md)
+        print(md)
+        return
     if not a.table_only:
         for j in jobs:
             print("fdseg " + " ".join(j), flush=True)
@@ -174,4 +212,6 @@ if __name__ == "__main__":
     p.add_argument("--in-domain", action="store_true", help="also the in-domain meta row (needs --max-per-class)")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timing", type=int, default=0, metavar="N",
+                   help="only the paired speed check: N episodes per dataset, fm / proto / meta interleaved")
     run(p.parse_args())
