@@ -1,7 +1,7 @@
 """The paper's comparison: a trained few-shot network (``meta``) vs training-free ``proto`` and ``fm``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/meta_lodo.py --data ../shared/data/defects \
-        --out meta-lodo/ --max-per-class 20 --steps 800
+        --out meta-lodo/ --max-per-class 20 --max-per-class-5shot 10 --in-domain
 
 Runs (each resumable: rerun the same command after a kill):
 
@@ -206,7 +206,7 @@ if __name__ == "__main__":
     p.add_argument("--max-per-class", type=int, default=None, help="evaluate on the first N images of each class")
     p.add_argument("--max-per-class-5shot", type=int, default=None,
                    help="evaluate 5-shot on the first N images per class instead (fm 5-shot is ~5x slower)")
-    p.add_argument("--steps", type=int, default=800, help="train-meta steps per fold")
+    p.add_argument("--steps", type=int, default=600, help="train-meta steps per fold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--in-domain", action="store_true", help="also the in-domain meta row (needs --max-per-class)")

@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-first-per-class", type=int, default=0,
                    help="never train on the first N images of each class (in-domain training; evaluate "
                         "with --max-per-class N)")
-    t.add_argument("--steps", type=int, default=1200, help="optimiser steps (default 1200)")
+    t.add_argument("--steps", type=int, default=600, help="optimiser steps (default 600)")
     t.add_argument("--batch", type=int, default=4, help="episodes per step (default 4)")
     t.add_argument("--train-shots", type=int, default=1, help="supports per training episode (default 1)")
     t.add_argument("--lr", type=float, default=2e-3)

@@ -58,7 +58,7 @@ class TrainConfig:
     skip_first_per_class: int = 0              # never train on the first N images of a class
     features: FeatureSpec = field(default_factory=FeatureSpec)
     cache: Path | None = None                  # feature cache folder (default OUT/../feature-cache)
-    steps: int = 1200
+    steps: int = 600
     batch: int = 4                             # episodes per step
     shots: int = 1
     lr: float = 2e-3
