@@ -84,7 +84,7 @@ class DINOv2(Backbone):
         if (gh * _PATCH, gw * _PATCH) != (h, w):
             x = F.interpolate(x, size=(gh * _PATCH, gw * _PATCH), mode="bilinear", align_corners=False)
         maps = self.vit.forward_intermediates(x, indices=list(self.taps), norm=True, output_fmt="NCHW",
-                                              intermediates_only=True)
+                                              intermediates_only=True, stop_early=True)
         return list(maps)
 
 
