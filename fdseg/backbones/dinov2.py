@@ -38,8 +38,9 @@ def _timm():
         import timm
     except ImportError as e:
         err = MissingExtraError("DINOv2 backbones", "timm", "timm")
-        err.args = (f"DINOv2 backbones need the package 'timm' (which needs torchvision; {e.msg}): install, in a "
-                    "venv of their own, pip install torch==2.14.1 torchvision==0.29.1 && pip install 'fdseg[timm]'",)
+        err.msg = (f"DINOv2 backbones need the package 'timm' (which needs torchvision; {e.msg}): install, in a "
+                   "venv of their own, pip install torch==2.14.1 torchvision==0.29.1 && pip install 'fdseg[timm]'")
+        err.args = (err.msg,)
         raise err from None
     return timm
 

