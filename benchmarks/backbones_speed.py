@@ -34,7 +34,10 @@ def main() -> None:
     ap.add_argument("backbones", nargs="+")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--weights", action="append", default=[], metavar="BACKBONE=PATH",
+                    help="weights of a backbone that needs a file (random ones do for timing)")
     a = ap.parse_args()
+    weights = dict(w.split("=", 1) for w in a.weights)
     torch.set_num_threads(1)
     from fdseg import FewShotSegmenter
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,14 +53,14 @@ def main() -> None:
           f"| FM 5-shot predict CPU ms |")
     print("|---|---|---|---|---|---|")
     for name in a.backbones:
-        seg = FewShotSegmenter(backbone=name, method="fm", input_size=a.size)
+        seg = FewShotSegmenter(backbone=name, method="fm", input_size=a.size, weights=weights.get(name))
         ex = seg.extractor
         fwd = cpu_ms(lambda: ex(imgs[5]), a.repeat)
         match = {}
         for k in (1, 5):
             seg.fit(imgs[:k], masks[:k])
             match[k] = cpu_ms(lambda: seg.predict(imgs[5]), a.repeat)
-        print(f"| {name} | {feature_params(name) / 1e6:.2f} M | {ex.channels} | {fwd:.0f} | {match[1]:.0f} "
+        print(f"| {name} | {feature_params(name, weights.get(name)) / 1e6:.2f} M | {ex.channels} | {fwd:.0f} | {match[1]:.0f} "
               f"| {match[5]:.0f} |", flush=True)
 
 
