@@ -5,7 +5,8 @@
 Times are CPU seconds of this process (time.process_time, 1 torch thread), the median of --repeat
 runs: on a shared, oversubscribed machine they move far less than wall-clock times. One 256 x 256
 query (the paper's setting, feature grid 64 x 64): the backbone forward alone, and a whole FM predict
-(forward + matching + upsampling) with 1 and 5 support images.
+(forward + matching + upsampling) with 1 and 5 support images, and a proto predict (5 supports; its
+cost hardly depends on K).
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def main() -> None:
         m[40 + 10 * i:120 + 10 * i, 60:140] = True
         masks.append(m)
     print(f"| backbone | params (feature path) | feature channels | forward CPU ms | FM 1-shot predict CPU ms "
-          f"| FM 5-shot predict CPU ms |")
-    print("|---|---|---|---|---|---|")
+          f"| FM 5-shot predict CPU ms | proto 5-shot predict CPU ms |")
+    print("|---|---|---|---|---|---|---|")
     for name in a.backbones:
         seg = FewShotSegmenter(backbone=name, method="fm", input_size=a.size, weights=weights.get(name))
         ex = seg.extractor
@@ -60,8 +61,11 @@ def main() -> None:
         for k in (1, 5):
             seg.fit(imgs[:k], masks[:k])
             match[k] = cpu_ms(lambda: seg.predict(imgs[5]), a.repeat)
+        proto = FewShotSegmenter(backbone=name, method="proto", input_size=a.size, weights=weights.get(name))
+        proto.fit(imgs[:5], masks[:5])
+        match["proto"] = cpu_ms(lambda: proto.predict(imgs[5]), a.repeat)
         print(f"| {name} | {feature_params(name, weights.get(name)) / 1e6:.2f} M | {ex.channels} | {fwd:.0f} | {match[1]:.0f} "
-              f"| {match[5]:.0f} |", flush=True)
+              f"| {match[5]:.0f} | {match['proto']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
