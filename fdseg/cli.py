@@ -165,7 +165,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
     _threads(a)
     cfg = DistillConfig(data=a.data, out=a.out, teacher=a.teacher, teacher_weights=a.teacher_weights,
                         arch=a.arch, minutes=a.minutes, max_steps=a.max_steps, seed=a.seed, size=a.size,
-                        crop=a.crop, batch=a.batch, lr=a.lr, gray_p=a.gray_p, max_images=a.max_images,
+                        crop=a.crop, batch=a.batch, lr=a.lr, gray_p=a.gray_p, flip=not a.no_flip, max_images=a.max_images,
                         checkpoint_s=a.checkpoint_every, progress=not a.no_progress)
     r = distill(cfg, resume=a.resume)
     print(f"fdseg distill: {r.steps} steps in {r.seconds / 60:.1f} min on {r.images} images; probe loss "
@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder: checkpoint.pt, student.pt, train.json")
     t.add_argument("--teacher", default="efficientnet_lite0", help="teacher backbone (default efficientnet_lite0)")
     t.add_argument("--teacher-weights", default=None, help="teacher weights file (default: its own)")
-    t.add_argument("--arch", default="pdn_small", choices=["pdn_small", "pdn_medium"])
+    t.add_argument("--arch", default="pdn_small", choices=["pdn_tiny", "pdn_small", "pdn_medium"],
+                   help="student architecture (default pdn_small; pdn_tiny is the CPU-minded variant)")
     t.add_argument("--minutes", type=float, default=30.0, help="training-time budget, all runs together (default 30)")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps as well")
     t.add_argument("--seed", type=int, default=0)
@@ -305,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--gray-p", type=float, default=0.1, help="grayscale augmentation probability (default 0.1)")
+    t.add_argument("--no-flip", action="store_true", help="no random flips")
     t.add_argument("--max-images", type=int, default=None, help="first N images of DATA only")
     t.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between checkpoints (default 120)")
     t.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")

@@ -58,6 +58,7 @@ class DistillConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     gray_p: float = 0.1            # probability of grayscale augmentation
+    flip: bool = True              # random horizontal / vertical flips
     stats_images: int = 256        # images used for the per-channel target mean / std
     max_images: int | None = None  # first N images (sorted) of DATA only
     checkpoint_s: float = 120.0
@@ -123,12 +124,14 @@ class Target:
         f = combine_layers(self.teacher(self.teacher.normalize(rgb)), grid)
         return torch.einsum("oc,bchw->bohw", self.proj, f)
 
-    def fit_stats(self, pool: torch.Tensor, n: int, batch: int = 16) -> None:
+    def fit_stats(self, pool: torch.Tensor, n: int, batch: int = 16, progress: bool = False) -> None:
+        from tqdm import tqdm
         s1 = torch.zeros(CHANNELS, dtype=torch.float64)
         s2 = torch.zeros(CHANNELS, dtype=torch.float64)
         cnt = 0
         idx = np.linspace(0, len(pool) - 1, min(n, len(pool))).round().astype(int)
-        for i in range(0, len(idx), batch):
+        for i in tqdm(range(0, len(idx), batch), desc="target statistics", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
             t = self.projected(pool[idx[i:i + batch]].float()).double()
             s1 += t.sum((0, 2, 3))
             s2 += (t * t).sum((0, 2, 3))
@@ -141,14 +144,14 @@ class Target:
         return (self.projected(rgb) - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
 
-def augment(x: torch.Tensor, g: torch.Generator, gray_p: float) -> torch.Tensor:
+def augment(x: torch.Tensor, g: torch.Generator, gray_p: float, flip: bool = True) -> torch.Tensor:
     """uint8 B x 3 x S x S -> float, each image flipped (h / v) and turned grey at random."""
     x = x.float()
     r = torch.rand(x.shape[0], 3, generator=g)
     for i in range(x.shape[0]):
-        if r[i, 0] < 0.5:
+        if flip and r[i, 0] < 0.5:
             x[i] = x[i].flip(-1)
-        if r[i, 1] < 0.5:
+        if flip and r[i, 1] < 0.5:
             x[i] = x[i].flip(-2)
         if r[i, 2] < gray_p:
             y = 0.299 * x[i, 0] + 0.587 * x[i, 1] + 0.114 * x[i, 2]
@@ -210,8 +213,11 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise InputError(ckpt_path, f"cannot read the checkpoint ({str(e).splitlines()[0] if str(e) else e})") from None
-        if ck.get("identity") != json.loads(json.dumps(cfg.identity())):
-            diff = [k for k, v in cfg.identity().items() if ck.get("identity", {}).get(k) != v]
+        # settings added after a checkpoint was written count as their defaults
+        defaults = DistillConfig(data=cfg.data, out=cfg.out).identity()
+        saved = {**defaults, **ck.get("identity", {})}
+        if saved != json.loads(json.dumps(cfg.identity())):
+            diff = [k for k, v in cfg.identity().items() if saved.get(k) != v]
             raise InputError(ckpt_path, f"checkpoint was made with other settings ({', '.join(diff)}); "
                                         "use the same ones to resume, or another --out")
     files = list_images(cfg.data, cfg.max_images)
@@ -231,7 +237,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
         step, elapsed, history = int(ck["step"]), float(ck["elapsed"]), list(json.loads(ck["history"]))
     else:
         target = Target(teacher, cfg.seed)
-        target.fit_stats(pool, cfg.stats_images)
+        target.fit_stats(pool, cfg.stats_images, progress=cfg.progress)
         step, elapsed, history = 0, 0.0, []
 
     # fixed probe batch: first-crop of evenly spaced images, no augmentation (measures progress)
@@ -266,7 +272,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
         while elapsed < budget and step < cap:
             t0 = time.monotonic()
             idx = torch.randint(0, len(pool), (cfg.batch,), generator=g)
-            x = augment(pool[idx], g, cfg.gray_p)
+            x = augment(pool[idx], g, cfg.gray_p, cfg.flip)
             xc, tc = crops(x, target(x), cfg.crop, g)
             loss = F.mse_loss(student.raw(student.normalize(xc)), tc)
             opt.zero_grad(set_to_none=True)

@@ -7,8 +7,11 @@ state dict with EfficientAD's indexing (``0.weight``, ``3.weight``, ...: the fil
 ``teacher_small.pth`` / ``teacher_medium.pth``) loads unchanged from a path. With the
 padding on (as here) a 256 x 256 input gives a 64 x 64 x 384 map: one map at stride 4.
 
-``pdn_small`` with no path loads the student distilled here by ``fdseg distill``
-(``fdseg/weights/pdn_small_lite0.pt``, fp16; see ``fdseg/weights/WEIGHTS.md``). Its file
+``pdn_tiny`` is a CPU-minded variant of ours (same strides, padding and output; 252,064
+parameters, ~1/11 of pdn_small's FLOPs). With no path it loads the student distilled here
+by ``fdseg distill`` (``fdseg/weights/pdn_tiny_lite0.pt``, fp16; ``fdseg/weights/WEIGHTS.md``);
+pdn_small / pdn_medium need a path (no PDN-small student could be trained far enough on this
+project's shared 2-core CPU: see BENCHMARKS.md). A student file
 also holds ``feature_mean`` / ``feature_std`` (384 each): the network was trained on
 per-channel standardised targets, and the output is mapped back with them so that
 cosines match the teacher's feature grid. Files without those keys (EfficientAD's) give
@@ -30,9 +33,13 @@ _ARCHS: dict[str, list[tuple[int, int, int, bool]]] = {
     "pdn_small": [(128, 4, 3, True), (256, 4, 3, True), (256, 3, 1, False), (384, 4, 0, False)],
     "pdn_medium": [(256, 4, 3, True), (512, 4, 3, True), (512, 1, 0, False), (512, 3, 1, False),
                    (384, 4, 0, False), (384, 1, 0, False)],
+    # CPU-minded variant (ours, not EfficientAD's): same strides, padding and 384-ch output,
+    # 1/8 of the channels early, a 1x1 to 384 at the end: 252,064 parameters, ~3.3 GFLOP at 256^2
+    "pdn_tiny": [(32, 4, 3, True), (64, 4, 3, True), (64, 3, 1, False), (128, 4, 0, False),
+                 (384, 1, 0, False)],
 }
 PUBLISHED_PARAMS = {"pdn_small": 2_694_144, "pdn_medium": 8_026_624}
-SHIPPED = {"pdn_small": "pdn_small_lite0.pt"}
+SHIPPED = {"pdn_tiny": "pdn_tiny_lite0.pt"}
 _IMAGENET_MEAN = (123.675, 116.28, 103.53)
 _IMAGENET_STD = (58.395, 57.12, 57.375)
 _STRIP = ("module.", "teacher.", "student.", "pdn.", "model.")
@@ -129,8 +136,15 @@ def build_pdn(arch: str, weights: str | Path | None = None) -> PDN:
     return load_pdn(model, path)
 
 
-@register_backbone("pdn_small", summary="EfficientAD PDN-small (2.7 M params, stride 4, 384 ch); default "
-                   "weights: distilled here from efficientnet_lite0 (fdseg distill)")
+@register_backbone("pdn_tiny", summary="CPU-minded PDN (0.25 M params, stride 4, 384 ch); default weights: "
+                   "distilled here from efficientnet_lite0 (fdseg distill; fdseg/weights/WEIGHTS.md)")
+def pdn_tiny(weights: str | Path | None = None, **_) -> PDN:
+    return build_pdn("pdn_tiny", weights)
+
+
+@register_backbone("pdn_small", summary="EfficientAD PDN-small (2.7 M params, stride 4, 384 ch); "
+                   "needs --weights (EfficientAD teacher_small.pth or an fdseg distill student.pt)",
+                   needs_weights=True)
 def pdn_small(weights: str | Path | None = None, **_) -> PDN:
     return build_pdn("pdn_small", weights)
 
