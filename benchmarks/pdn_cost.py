@@ -21,8 +21,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from fdseg import FewShotSegmenter, create_backbone
 
 
+def _w(name: str):
+    """pdn_small / pdn_medium ship no weights: time them untrained (the cost does not depend on it)."""
+    return "random" if name in ("pdn_small", "pdn_medium") else None
+
+
 def gflop(name: str, size: int = 256) -> float:
-    bb = create_backbone(name)
+    bb = create_backbone(name, weights=_w(name))
     x = torch.zeros(1, 3, size, size)
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         bb(x)
@@ -31,7 +36,7 @@ def gflop(name: str, size: int = 256) -> float:
 
 def used_params(name: str, size: int = 256) -> int:
     """Parameters of the modules a feature forward actually runs (a classifier head is not counted)."""
-    bb = create_backbone(name)
+    bb = create_backbone(name, weights=_w(name))
     called: set[int] = set()
     hooks = [m.register_forward_hook(lambda mod, i, o: called.add(id(mod)))
              for m in bb.modules() if not list(m.children())]
@@ -56,7 +61,7 @@ def main() -> None:
     mask = d / "masks" / (ims[0].stem + ".png")
     rows = []
     for name in a.backbone:
-        seg = FewShotSegmenter(backbone=name, method="fm")
+        seg = FewShotSegmenter(backbone=name, method="fm", weights=_w(name))
         t0 = time.perf_counter()
         seg.fit([ims[0]], [mask])
         fit = time.perf_counter() - t0
@@ -65,7 +70,7 @@ def main() -> None:
             t0 = time.perf_counter()
             seg.predict(q)
             ts.append(time.perf_counter() - t0)
-        bb = create_backbone(name)
+        bb = create_backbone(name, weights=_w(name))
         rows.append({"backbone": name, "params_file": sum(p.numel() for p in bb.parameters()),
                      "params_used": used_params(name),
                      "gflop_256": round(gflop(name), 2), "fit_1shot_ms": round(fit * 1e3),

@@ -165,7 +165,9 @@ def cmd_distill(a: argparse.Namespace) -> int:
     _threads(a)
     cfg = DistillConfig(data=a.data, out=a.out, teacher=a.teacher, teacher_weights=a.teacher_weights,
                         arch=a.arch, minutes=a.minutes, max_steps=a.max_steps, seed=a.seed, size=a.size,
-                        crop=a.crop, batch=a.batch, lr=a.lr, gray_p=a.gray_p, flip=not a.no_flip, max_images=a.max_images,
+                        crop=a.crop, batch=a.batch, crops_per_image=a.crops_per_image,
+                        stats_images=a.stats_images, lr=a.lr, gray_p=a.gray_p, flip=not a.no_flip,
+                        max_images=a.max_images,
                         checkpoint_s=a.checkpoint_every, progress=not a.no_progress)
     r = distill(cfg, resume=a.resume)
     print(f"fdseg distill: {r.steps} steps in {r.seconds / 60:.1f} min on {r.images} images; probe loss "
@@ -304,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--size", type=int, default=256, help="images are squeezed to size x size (default 256)")
     t.add_argument("--crop", type=int, default=64, help="student crop size, multiple of 4 (default 64)")
     t.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
+    t.add_argument("--crops-per-image", type=int, default=4,
+                   help="crops per teacher pass, divides --batch (default 4: the teacher sees batch/4 images)")
+    t.add_argument("--stats-images", type=int, default=256,
+                   help="images for the per-channel target mean / std (default 256)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--gray-p", type=float, default=0.1, help="grayscale augmentation probability (default 0.1)")
     t.add_argument("--no-flip", action="store_true", help="no random flips")

@@ -54,7 +54,8 @@ class DistillConfig:
     seed: int = 0
     size: int = 256                # images are squeezed to size x size (as `--resize resize`)
     crop: int = 64                 # student crop (multiple of 4)
-    batch: int = 8
+    batch: int = 8                 # crops per step
+    crops_per_image: int = 4       # crops taken from each teacher pass (the teacher runs batch / this images)
     lr: float = 1e-3
     weight_decay: float = 1e-5
     gray_p: float = 0.1            # probability of grayscale augmentation
@@ -74,6 +75,8 @@ class DistillConfig:
             raise InputError("--minutes", "give a positive time budget (or --max-steps)")
         if self.batch < 1:
             raise InputError("--batch", f"must be >= 1, got {self.batch}")
+        if self.crops_per_image < 1 or self.batch % self.crops_per_image:
+            raise InputError("--crops-per-image", f"must divide --batch ({self.batch}), got {self.crops_per_image}")
 
     # settings that must match for a resume
     def identity(self) -> dict:
@@ -200,6 +203,7 @@ class DistillResult:
 def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train (or continue training) a PDN student; see the module docstring."""
     from tqdm import tqdm
+    wall0 = time.monotonic()
     cfg.check()
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
@@ -271,9 +275,13 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     try:
         while elapsed < budget and step < cap:
             t0 = time.monotonic()
-            idx = torch.randint(0, len(pool), (cfg.batch,), generator=g)
+            idx = torch.randint(0, len(pool), (cfg.batch // cfg.crops_per_image,), generator=g)
             x = augment(pool[idx], g, cfg.gray_p, cfg.flip)
-            xc, tc = crops(x, target(x), cfg.crop, g)
+            t = target(x)
+            if cfg.crops_per_image > 1:
+                x = x.repeat_interleave(cfg.crops_per_image, 0)
+                t = t.repeat_interleave(cfg.crops_per_image, 0)
+            xc, tc = crops(x, t, cfg.crop, g)
             loss = F.mse_loss(student.raw(student.normalize(xc)), tc)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -300,5 +308,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     size = export_student(student, target, out / "student.pt")
     res = DistillResult(step, round(elapsed, 1), len(pool), history[0]["probe_loss"], history[-1]["probe_loss"],
                         ema if ema is not None else float("nan"), str(out / "student.pt"), size, history)
-    write_text(out / "train.json", json.dumps({"config": asdict(cfg), "result": asdict(res)}, indent=1))
+    write_text(out / "train.json", json.dumps({"config": asdict(cfg), "result": asdict(res),
+                                               "this_run_wall_seconds": round(time.monotonic() - wall0, 1),
+                                               "torch": torch.__version__, "threads": torch.get_num_threads()},
+                                              indent=1))
     return res

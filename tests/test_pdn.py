@@ -184,8 +184,10 @@ def test_distill_cli_and_errors(distill_root, tmp_path, capsys):
         distill(_cfg(distill_root, tmp_path / "x", data=str(tmp_path)))
     with pytest.raises(InputError, match="multiple of 4"):
         distill(_cfg(distill_root, tmp_path / "x", crop=30))
+    with pytest.raises(InputError, match="must divide --batch"):
+        distill(_cfg(distill_root, tmp_path / "x", batch=6, crops_per_image=4))
     rc = main(["distill", "--data", str(distill_root / "images"), "--out", str(tmp_path / "c"),
-               "--max-images", "4", "--max-steps", "2", "--crop", "32", "--batch", "2", "--size", "64",
+               "--max-images", "4", "--max-steps", "2", "--crop", "32", "--batch", "4", "--size", "64",
                "--no-progress"])
     assert rc == 0
     assert "2 steps" in capsys.readouterr().out
