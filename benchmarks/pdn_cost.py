@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", nargs="+", default=["pdn_small", "efficientnet_lite0"])
     ap.add_argument("--data", default="../shared/data/defects")
-    ap.add_argument("--cls", default="magnetic_tile/Blowhole")
+    ap.add_argument("--cls", default="magnetic_tile/blowhole")
     ap.add_argument("--queries", type=int, default=12)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
