@@ -138,7 +138,9 @@ def test_shipped_student_fm_beats_trivial_baselines(defects_root):
             by.setdefault(r["dataset"], []).append(r)
         miou[k] = benchmark_mean([dataset_scores(d, sorted(cat.classes[d]), v) for d, v in by.items()])[
             "class_mean_miou"]
+    print("pdn_tiny fm vs trivial, class-mean mIoU:", miou)
     assert len(eps) >= 20
+    # measured with the shipped student: fm 0.244, all-foreground 0.083, all-background 0.0
     assert miou["fm"] > max(miou["all_fg"], miou["all_bg"]) + 0.05, miou
 
 
