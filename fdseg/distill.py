@@ -259,7 +259,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
 
     def checkpoint() -> None:
         _save(ckpt_path, {"identity": cfg.identity(), "student": student.net.state_dict(),
-                          "optimizer": opt.state_dict(), "rng": g.get_state(), "step": step,
+                          "optimizer": opt.state_dict(), "rng": rng_done, "step": step,
                           "elapsed": elapsed, "proj": target.proj, "mean": target.mean, "std": target.std,
                           "history": json.dumps(history)})
 
@@ -272,6 +272,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
                disable=not cfg.progress, dynamic_ncols=True)
     last_ck = time.monotonic()
     ema = None
+    rng_done = g.get_state()      # the generator as it was after the last finished step (what a resume needs)
     try:
         while elapsed < budget and step < cap:
             t0 = time.monotonic()
@@ -287,6 +288,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
             loss.backward()
             opt.step()
             step += 1
+            rng_done = g.get_state()
             elapsed += time.monotonic() - t0
             lv = float(loss.item())
             ema = lv if ema is None else 0.95 * ema + 0.05 * lv

@@ -181,6 +181,30 @@ def test_resume_continues_exactly(distill_root, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(distill_root, tmp_path, monkeypatch):
+    import fdseg.distill as D
+    straight = distill(_cfg(distill_root, tmp_path / "s", max_steps=6))
+    real_crops, calls = D.crops, {"n": 0}
+
+    def crops_then_ctrl_c(*a, **kw):       # call 1 is the probe batch, call k + 1 is step k
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_crops(*a, **kw)
+
+    monkeypatch.setattr(D, "crops", crops_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        distill(_cfg(distill_root, tmp_path / "i", max_steps=6))
+    monkeypatch.setattr(D, "crops", real_crops)
+    ck = torch.load(tmp_path / "i" / "checkpoint.pt", weights_only=True)
+    assert int(ck["step"]) == 3                          # the 3 finished steps were saved on the way out
+    resumed = distill(_cfg(distill_root, tmp_path / "i", max_steps=6), resume=True)
+    assert resumed.steps == 6
+    a = torch.load(straight.student_file, weights_only=True)
+    b = torch.load(resumed.student_file, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_distill_cli_and_errors(distill_root, tmp_path, capsys):
     with pytest.raises(InputError, match="holds no image files"):
         distill(_cfg(distill_root, tmp_path / "x", data=str(tmp_path)))
