@@ -51,14 +51,18 @@ def evaluate(data: Path, variants: dict, shots: list[int], datasets=None, max_pe
                 tp, fp, fn, tn = episode_counts(gt, pred)
                 recs[name].append({"dataset": ep.dataset, "cls": ep.cls, "tp": tp, "fp": fp, "fn": fn, "tn": tn})
         for name, rs in recs.items():
-            by = defaultdict(list)
-            for r in rs:
-                by[r["dataset"]].append(r)
-            sc = {ds: dataset_scores(ds, sorted(cat.classes[ds]), r).as_dict() for ds, r in by.items()}
-            out["runs"].setdefault(name, {})[str(k)] = {
-                "datasets": sc, "class_mean": float(np.mean([v for d in sc.values() for v in d["class_iou"].values()])),
-                "ms_per_episode": 1e3 * secs[name] / len(eps)}
+            out["runs"].setdefault(name, {})[str(k)] = summarise(rs, cat, 1e3 * secs[name] / len(eps))
     return out
+
+
+def summarise(records: list[dict], cat, ms_per_episode: float) -> dict:
+    """Episode confusion counts -> per-dataset scores (the paper's metric) and the class mean."""
+    by = defaultdict(list)
+    for r in records:
+        by[r["dataset"]].append(r)
+    sc = {ds: dataset_scores(ds, sorted(cat.classes[ds]), r).as_dict() for ds, r in by.items()}
+    return {"datasets": sc, "class_mean": float(np.mean([v for d in sc.values() for v in d["class_iou"].values()])),
+            "ms_per_episode": ms_per_episode}
 
 
 def class_mean(run: dict, keep=lambda ds: True) -> float:

@@ -55,12 +55,36 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def bank_probe(cat, device: str, k: int = 20) -> dict:
+    """A 20-shot support bank: fit + 3 queries; peak RSS vs the full similarity matrix."""
+    import resource
+    ds, cls = max(((d, c) for d in cat.classes for c in cat.classes[d]),
+                  key=lambda dc: len(cat.classes[dc[0]][dc[1]]))
+    samples = [s for s in cat.classes[ds][cls] if s.mask is not None][:k + 3]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seg = FewShotSegmenter(device=device)
+    t = time.perf_counter()
+    seg.fit([s.image for s in samples[:k]], [s.mask for s in samples[:k]])
+    fit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    seg.predict([s.image for s in samples[k:]])
+    q_ms = 1e3 * (time.perf_counter() - t) / 3
+    bank = len(seg.method.fg) + len(seg.method.bg)
+    return {"class": f"{ds}/{cls}", "supports": k, "bank_cells": bank, "fit_s": fit_s, "ms_per_query": q_ms,
+            "full_matrix_mb": 64 * 64 * bank * 4 / 2 ** 20,
+            "peak_rss_mb_before": before,
+            "peak_rss_mb_after": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     cat = scan(args.data)
     root = cat.root
     out = {"cpu": describe_cpu(), "torch": torch.__version__, "threads": args.threads,
            "python": platform.python_version(), "matmul_fp32_gflops": matmul_rate(), "runs": []}
+    # first, while the process's peak RSS is still its own
+    out["bank20"] = bank_probe(cat, args.device)
+    print(json.dumps(out["bank20"]))
     onnx_path = None
     if args.onnx:
         try:
@@ -82,23 +106,24 @@ def run(args) -> dict:
 
         loop = FewShotSegmenter(cache_size=0, batch_size=1, loader_threads=1, device=args.device,
                                 method_options={"precision": "fp32"})
-        def episode_loop():
-            for g in groups:
-                for e in g:
-                    loop.fit([root / p for p in e.supports], [root / p for p in e.support_masks])
-                    loop.predict(root / e.query)
-        res["episode-loop"] = n / timed(episode_loop)
-
         variants = {"fit-once": {}, "fit-once+coreset": {"method_options": {"bg_coreset": 0.25}}}
         if onnx_path:
             variants["fit-once+onnx"] = {"backbone": "onnx", "weights": onnx_path}
-        for name, kw in variants.items():
-            seg = FewShotSegmenter(batch_size=args.batch_size, device=args.device, **kw)
-            total = 0.0
-            for g in groups:
+        segs = {name: FewShotSegmenter(batch_size=args.batch_size, device=args.device, **kw)
+                for name, kw in variants.items()}
+        secs = defaultdict(float)
+        # interleaved class by class, so that a change in machine load hits every variant alike
+        for g in groups:
+            def episode_loop():
+                for e in g:
+                    loop.fit([root / p for p in e.supports], [root / p for p in e.support_masks])
+                    loop.predict(root / e.query)
+            secs["episode-loop"] += timed(episode_loop)
+            for name, seg in segs.items():
                 seg.fit([root / p for p in g[0].supports], [root / p for p in g[0].support_masks])
-                total += timed(lambda: list(seg.predict_stream([root / e.query for e in g])))
-            res[name] = n / total
+                secs[name] += timed(lambda: list(seg.predict_stream([root / e.query for e in g])))
+        for name, t in secs.items():
+            res[name] = n / t
         res["ratios"] = {v: res[v] / res["episode-loop"] for v in res if v.startswith("fit-once")}
         out["runs"].append(res)
         print(json.dumps(res))

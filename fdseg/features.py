@@ -79,11 +79,13 @@ class FeatureExtractor:
 
     def grid_size(self, h: int, w: int) -> tuple[int, int]:
         H, W = self.preprocess.input_size(h, w)
-        return H // self.config.stride, W // self.config.stride
+        c = self.preprocess.cell(H, W, self.config.stride)
+        return H // c, W // c
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input B x 3 x H x W -> B x C x H/stride x W/stride."""
-        grid = (x.shape[-2] // self.config.stride, x.shape[-1] // self.config.stride)
+        c = self.preprocess.cell(x.shape[-2], x.shape[-1], self.config.stride)
+        grid = (x.shape[-2] // c, x.shape[-1] // c)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             maps = self.backbone(x)
         return combine_layers(maps, grid, self.config.local_avg)

@@ -35,3 +35,22 @@ def test_query_background_bank_handles_an_unseen_background():
     qbg = FewShotSegmenter(method_options={"query_bg": 2.0}).fit(s_img, s_mask).predict(q_img)
     assert iou(qbg.mask, q_mask) > iou(plain.mask, q_mask) + 0.1
     assert qbg.mask[~q_mask].mean() < plain.mask[~q_mask].mean()
+
+
+def test_auto_resolution_rule():
+    """resize='auto': an image with a long side >= 2 x size is seen aspect-kept at 2 x size with a
+    2 x coarser cell (the grid keeps size/stride cells on its long side); smaller ones as the paper."""
+    from fdseg.data import Preprocess
+    p = Preprocess(mode="auto", size=256)
+    assert p.input_size(1000, 1500) == (352, 512) and p.cell(352, 512, 4) == 8
+    assert p.input_size(460, 1130) == (224, 512)
+    assert p.input_size(200, 200) == (256, 256) and p.cell(256, 256, 4) == 4
+    assert p.input_size(320, 480) == (256, 256)                       # long side < 512: the paper's squeeze
+    seg = FewShotSegmenter(resize="auto")
+    big, small = np.zeros((1000, 1500, 3), np.uint8), np.zeros((200, 200, 3), np.uint8)
+    assert tuple(seg.extractor(big).shape[1:]) == seg.extractor.grid_size(1000, 1500) == (44, 64)
+    assert tuple(seg.extractor(small).shape[1:]) == (64, 64)
+    s_img, s_mask = planted(600, 900, (200, 300, 320, 460), seed=1)   # a planted patch is still found
+    q_img, q_mask = planted(600, 900, (100, 500, 230, 640), seed=2)
+    pred = seg.fit(s_img, s_mask).predict(q_img)
+    assert pred.mask.shape == (600, 900) and iou(pred.mask, q_mask) > 0.6

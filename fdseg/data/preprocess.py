@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 
-MODES = ("resize", "aspect", "tile")
+MODES = ("resize", "aspect", "tile", "auto")
 
 
 def _round_to(x: float, m: int) -> int:
@@ -54,10 +54,18 @@ class Preprocess:
         """Network input size (H, W) for an image of h x w pixels."""
         if self.mode == "resize":
             return self.size, self.size
-        if self.mode == "aspect":
-            s = self.size / max(h, w)
+        if self.mode == "aspect" or (self.mode == "auto" and max(h, w) >= 2 * self.size):
+            s = (self.size if self.mode == "aspect" else 2 * self.size) / max(h, w)
             return _round_to(h * s, self.multiple), _round_to(w * s, self.multiple)
+        if self.mode == "auto":
+            return self.size, self.size
         return _round_to(h * self.scale, self.multiple), _round_to(w * self.scale, self.multiple)
+
+    def cell(self, H: int, W: int, stride: int) -> int:
+        """Feature grid cell (network-input pixels) for an input of H x W: ``stride``, doubled
+        in ``auto`` mode for inputs seen at twice ``size``, so that the grid stays ``size / stride``
+        cells on the long side (same matching cost)."""
+        return 2 * stride if self.mode == "auto" and max(H, W) > self.size else stride
 
     def tiles(self, H: int, W: int) -> list[tuple[int, int, int, int]]:
         """(top, left, height, width) windows covering an H x W input."""

@@ -40,7 +40,7 @@ from ..segment_folder import _row, _write_summary
 from .uploads import (Upload, UploadError, archive_stem, b64, decode_image, decode_mask, display_name,
                       image_format, jpeg_bytes, png_bytes, rle_encode)
 
-RESIZE_MODES = ("resize", "aspect", "tile")
+RESIZE_MODES = ("resize", "aspect", "tile", "auto")
 SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
 MASK_FORMATS = ("png", "rle", "none")
 
