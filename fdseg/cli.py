@@ -191,6 +191,22 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(a: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill
+    _threads(a)
+    cfg = DistillConfig(data=a.data, out=a.out, teacher=a.teacher, teacher_weights=a.teacher_weights,
+                        arch=a.arch, minutes=a.minutes, max_steps=a.max_steps, seed=a.seed, size=a.size,
+                        crop=a.crop, batch=a.batch, crops_per_image=a.crops_per_image,
+                        stats_images=a.stats_images, lr=a.lr, gray_p=a.gray_p, flip=not a.no_flip,
+                        max_images=a.max_images,
+                        checkpoint_s=a.checkpoint_every, progress=not a.no_progress)
+    r = distill(cfg, resume=a.resume)
+    print(f"fdseg distill: {r.steps} steps in {r.seconds / 60:.1f} min on {r.images} images; probe loss "
+          f"{r.probe_loss_start:.4f} -> {r.probe_loss_end:.4f}; student {r.student_file} "
+          f"({r.student_bytes / 1e6:.1f} MB): use it with --backbone {cfg.arch} --weights {r.student_file}")
+    return 0
+
+
 def cmd_list(a: argparse.Namespace) -> int:
     from .backbones.registry import BACKBONES
     from .methods.registry import METHODS
@@ -340,6 +356,33 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-sessions", type=int, default=16, help="live sessions kept in memory")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     v.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("distill", help="distill a PDN student from a backbone on a folder of images")
+    t.add_argument("--data", required=True, help="folder of training images (searched recursively)")
+    t.add_argument("--out", required=True, help="output folder: checkpoint.pt, student.pt, train.json")
+    t.add_argument("--teacher", default="efficientnet_lite0", help="teacher backbone (default efficientnet_lite0)")
+    t.add_argument("--teacher-weights", default=None, help="teacher weights file (default: its own)")
+    t.add_argument("--arch", default="pdn_small", choices=["pdn_tiny", "pdn_small", "pdn_medium"],
+                   help="student architecture (default pdn_small; pdn_tiny is the CPU-minded variant)")
+    t.add_argument("--minutes", type=float, default=30.0, help="training-time budget, all runs together (default 30)")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps as well")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--size", type=int, default=256, help="images are squeezed to size x size (default 256)")
+    t.add_argument("--crop", type=int, default=64, help="student crop size, multiple of 4 (default 64)")
+    t.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
+    t.add_argument("--crops-per-image", type=int, default=4,
+                   help="crops per teacher pass, divides --batch (default 4: the teacher sees batch/4 images)")
+    t.add_argument("--stats-images", type=int, default=256,
+                   help="images for the per-channel target mean / std (default 256)")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    t.add_argument("--gray-p", type=float, default=0.1, help="grayscale augmentation probability (default 0.1)")
+    t.add_argument("--no-flip", action="store_true", help="no random flips")
+    t.add_argument("--max-images", type=int, default=None, help="first N images of DATA only")
+    t.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between checkpoints (default 120)")
+    t.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_distill)
 
     ls = sub.add_parser("list", help="list registered backbones and methods")
     ls.set_defaults(func=cmd_list)
