@@ -376,3 +376,10 @@ def test_cli_serve_arguments_and_missing_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(fserve, "serve", real_serve)
     assert main(["serve"]) == 2                                 # a clear message, no server started
     assert "pip install 'fdseg[serve]'" in capsys.readouterr().err
+
+
+def test_methods_that_need_a_checkpoint_are_not_offered_in_the_app():
+    from fdseg.serve.engine import options
+    meta = {m["name"]: m for m in options({})["methods"]}["meta"]
+    assert meta["available"] is False and "checkpoint" in meta["note"]
+    assert {m["name"]: m for m in options({})["methods"]}["fm"]["available"] is True

@@ -107,7 +107,7 @@ def build_net(ck: dict, source: str | Path) -> MetaProtoNet:
 
 
 @register_method("meta", summary="trained prototype network (PANet-style meta-learning baseline); "
-                                 "needs checkpoint=PATH from `fdseg train-meta`")
+                                 "needs checkpoint=PATH from `fdseg train-meta`", needs_checkpoint=True)
 class MetaLearned(Method):
     temperature = 1.0          # margins are logits
 

@@ -6,9 +6,10 @@ from ..registry import Entry, Registry
 METHODS = Registry("method", "fdseg.methods", "fdseg.methods")
 
 
-def register_method(name: str, *, summary: str = "", extra: str | None = None):
-    """Class decorator: ``@register_method("fm")`` on a :class:`~fdseg.methods.Method`."""
-    reg = METHODS.register(name, summary=summary, extra=extra)
+def register_method(name: str, *, summary: str = "", extra: str | None = None, **info):
+    """Class decorator: ``@register_method("fm")`` on a :class:`~fdseg.methods.Method`.
+    ``info`` is shown by ``fdseg list`` and the web app (e.g. ``needs_checkpoint=True``)."""
+    reg = METHODS.register(name, summary=summary, extra=extra, **info)
 
     def deco(cls):
         cls.name = name

@@ -112,7 +112,10 @@ def options(weights: dict[str, str]) -> dict:
         backbones.append(info)
     methods = [_entry_info(METHODS, n) | {"available": True} for n in METHODS.names()]
     for m in methods:
-        if m["extra"]:
+        if m.get("needs_checkpoint"):     # e.g. meta: trained with `fdseg train-meta`, not choosable here
+            m["available"] = False
+            m["note"] = "needs a trained checkpoint: use fdseg segment --method-option checkpoint=PATH"
+        elif m["extra"]:
             m["note"] = f"needs pip install 'fdseg[{m['extra']}]' if not installed"
     refine = [{"name": "none", "summary": "no refinement", "extra": None, "available": True}]
     lister = _refine_lister()
