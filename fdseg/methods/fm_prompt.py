@@ -28,7 +28,7 @@ class FmPrompt(Method):
 
     def __init__(self, checkpoint: str | None = None, config: str | None = None, max_regions: int = 3,
                  box_margin: float = 0.1, negative_point: bool = True, **fm_options):
-        from ..sam.build import build_sam2, require_sam2
+        from ..sam.build import build_sam2, fit_feature_sizes, require_sam2
         require_sam2("the fm_prompt method")
         if checkpoint is None:
             raise InputError("--sam2-checkpoint", "fm_prompt needs a SAM2 checkpoint (e.g. sam2.1_hiera_tiny.pt)")
@@ -37,6 +37,7 @@ class FmPrompt(Method):
         self.fm = FeatureMatching(**fm_options)
         self.model = build_sam2(config, checkpoint, kind="image")
         self.predictor = SAM2ImagePredictor(self.model)
+        fit_feature_sizes(self.predictor)
         self.max_regions, self.box_margin, self.negative_point = int(max_regions), float(box_margin), negative_point
         self.device = torch.device("cpu")
 

@@ -69,7 +69,10 @@ class Sam2Track(Method):
 
     # -- state -------------------------------------------------------------------------------
     def _init_state(self, frames: torch.Tensor) -> dict:
-        """sam2's init_state with our in-memory frames in place of its JPEG / MP4 loader."""
+        """sam2's init_state with our in-memory frames in place of its JPEG / MP4 loader.
+
+        The frames are already at the model's size; outputs come back at that size (the
+        segmenter resizes the margin to the query)."""
         import sam2.sam2_video_predictor as vp
         size = self.predictor.image_size
         frames = frames.to(self.device)
@@ -79,6 +82,16 @@ class Sam2Track(Method):
             return self.predictor.init_state(video_path="<in-memory frames>")
         finally:
             vp.load_video_frames = orig
+
+    def _propagate(self, state: dict, start: int):
+        """propagate_in_video without its per-call progress bar (one bar per query is noise here)."""
+        import sam2.sam2_video_predictor as vp
+        orig = vp.tqdm
+        vp.tqdm = lambda it, *a, **k: it
+        try:
+            yield from self.predictor.propagate_in_video(state, start_frame_idx=start)
+        finally:
+            vp.tqdm = orig
 
     def _condition(self, state: dict) -> None:
         for i, m in enumerate(self.support_masks):
@@ -142,7 +155,7 @@ class Sam2Track(Method):
                 self._condition(state)
                 start = 0
             logits = None
-            for idx, obj_ids, masks in self.predictor.propagate_in_video(state, start_frame_idx=start):
+            for idx, obj_ids, masks in self._propagate(state, start):
                 if idx == k:
                     logits = masks[list(obj_ids).index(self.obj_id)][0]
         if logits is None:   # pragma: no cover - sam2 always yields the last frame

@@ -149,3 +149,9 @@ def save_random_sam2(config: str | Path, path: str | Path, seed: int = 0) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict()}, path)
     return path
+
+
+def fit_feature_sizes(image_predictor) -> None:
+    """SAM2ImagePredictor hard-codes the feature sizes of 1024 px models; set them from the model's size."""
+    n = int(image_predictor.model.image_size)
+    image_predictor._bb_feat_sizes = [(n // 4, n // 4), (n // 8, n // 8), (n // 16, n // 16)]

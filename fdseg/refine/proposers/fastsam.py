@@ -1,12 +1,15 @@
 """``fastsam``: FastSAM ("everything" mode) from the ``ultralytics`` package; needs a checkpoint.
 
-ultralytics checkpoints are pickled modules: ultralytics unpickles them itself (not with
-``weights_only``), so only load checkpoints you trust. Before that, the file's pickle is read
-without running it, and a file that references no ultralytics class (a SAM2 or plain state-dict
-checkpoint, say) is refused with a clear message.
+ultralytics checkpoints are pickled modules. The file's pickle is first read without running it
+and a file that references no ultralytics class (a SAM2 or plain state-dict checkpoint, say) is
+refused with a clear message; ultralytics then loads it with ``torch.load(weights_only=True)``
+against its allow-list of model classes (its opt-in safe loader, switched on for this load).
+``YOLO_OFFLINE=1`` is set (unless set already) so ultralytics makes no network checks.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import pickletools
 import zipfile
 from pathlib import Path
@@ -40,6 +43,20 @@ def pickle_globals(path: Path) -> set[str]:
     return mods
 
 
+@contextlib.contextmanager
+def _safe_load():
+    """ultralytics' weights_only=True loader for the loads made inside (where this version has it)."""
+    import ultralytics.nn.tasks as tasks
+    if not getattr(getattr(tasks, "_SafeLoad", None), "SUPPORTED", False) or not hasattr(tasks, "SAFE_LOAD"):
+        yield
+        return
+    old, tasks.SAFE_LOAD = tasks.SAFE_LOAD, True
+    try:
+        yield
+    finally:
+        tasks.SAFE_LOAD = old
+
+
 @register_proposer("fastsam", summary="FastSAM everything-mode masks (ultralytics; needs FastSAM-s.pt / -x.pt)",
                    extra="sam", needs_weights=True)
 class FastSAMProposer(Proposer):
@@ -55,9 +72,11 @@ class FastSAMProposer(Proposer):
         if not any(m.startswith("ultralytics") for m in mods):
             raise InputError(ck, "not a FastSAM / ultralytics checkpoint (it refers to no ultralytics model "
                                  f"class; modules: {', '.join(sorted(mods)[:5]) or 'none'})")
+        os.environ.setdefault("YOLO_OFFLINE", "1")
         ul = need("ultralytics", "the fastsam proposer", "sam")
         try:
-            self.model = ul.FastSAM(str(ck))
+            with _safe_load():
+                self.model = ul.FastSAM(str(ck))
         except Exception as e:
             raise InputError(ck, f"ultralytics could not load it as FastSAM: {type(e).__name__}: {e}") from None
         if getattr(self.model, "task", "segment") != "segment":

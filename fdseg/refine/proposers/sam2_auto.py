@@ -14,7 +14,7 @@ class Sam2Auto(Proposer):
     def __init__(self, checkpoint: str | None = None, config: str | None = None, device: str = "cpu",
                  points_per_side: int = 32, points_per_batch: int = 64, pred_iou_thresh: float = 0.8,
                  stability_score_thresh: float = 0.95, min_mask_region_area: int = 0):
-        from ...sam.build import build_sam2, require_sam2
+        from ...sam.build import build_sam2, fit_feature_sizes, require_sam2
         require_sam2("the sam2_auto proposer")
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
         self.device = torch.device(device)
@@ -23,6 +23,7 @@ class Sam2Auto(Proposer):
             self.model, points_per_side=points_per_side, points_per_batch=points_per_batch,
             pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
             min_mask_region_area=min_mask_region_area, output_mode="binary_mask")
+        fit_feature_sizes(self.generator.predictor)
         self.checkpoint = str(checkpoint)
 
     def propose(self, image: np.ndarray) -> np.ndarray:
