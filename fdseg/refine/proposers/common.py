@@ -41,7 +41,9 @@ def grow_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def grow_masks(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an N x h x w bool stack to N x H x W."""
-    if masks.shape[1:] == tuple(shape) or not len(masks):
-        return masks.reshape(len(masks), *shape) if not len(masks) else masks
+    if not len(masks):
+        return np.zeros((0, *shape), bool)
+    if masks.shape[1:] == tuple(shape):
+        return masks
     t = torch.from_numpy(np.ascontiguousarray(masks)).float()[None]
     return F.interpolate(t, size=tuple(shape), mode="nearest")[0].bool().numpy()

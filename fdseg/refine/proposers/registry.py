@@ -17,6 +17,8 @@ class Proposer:
     """Base class; subclasses are registered with :func:`register_proposer`."""
 
     name: str = "proposer"
+    #: True: the refiner resizes the image to the mask's size before proposing
+    at_mask_resolution: bool = False
 
     def propose(self, image: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -15,6 +15,8 @@ class Superpixel(Proposer):
     (labels are computed there and resized to the image); ``scale``, ``sigma``, ``min_size``
     (Felzenszwalb, at the working resolution); ``n_segments``, ``compactness`` (SLIC)."""
 
+    at_mask_resolution = True      # the refiner hands it the image at the mask's size (bench: 256 x 256)
+
     def __init__(self, algorithm: str = "felzenszwalb", max_side: int | None = 256, scale: float = 100.0,
                  sigma: float = 0.8, min_size: int = 30, n_segments: int = 150, compactness: float = 10.0):
         if algorithm not in ("felzenszwalb", "slic"):
