@@ -57,6 +57,10 @@ def test_sam_parts_name_the_extra_or_the_checkpoint():
         fdseg.FewShotSegmenter(refine="fastsam")
     assert {"superpixel", "fastsam", "sam2_auto"} <= set(fdseg.list_proposers())
     assert {"sam2_track", "fm_prompt"} <= set(fdseg.list_methods())
+    # the web app lists the proposers with their summaries and extras
+    from fdseg.serve.engine import options
+    sp = {r["name"]: r for r in options({})["refine"]}["superpixel"]
+    assert sp["extra"] == "refine" and "Felzenszwalb" in sp["summary"]
 
 
 def test_bench_and_segment_cli_with_refine(defects_root, tmp_path, capsys):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...registry import Entry, Registry
+from ... import registry as _registry
 
-PROPOSERS = Registry("refine", "fdseg.refine.proposers", "fdseg.proposers", skip=("common",))
+Entry = _registry.Entry
+# (the Registry class is not imported by name: the serve app finds this module's registry by duck typing)
+PROPOSERS = _registry.Registry("refine", "fdseg.refine.proposers", "fdseg.proposers", skip=("common",))
 
 
 class Proposer:
