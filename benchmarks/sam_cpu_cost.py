@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "defects"))
     ap.add_argument("--queries", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--sam2", nargs="+", default=["hiera_t", "toy"], help="SAM2 architectures to time")
     ap.add_argument("--out", default="sam-cost.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -78,9 +79,15 @@ def main() -> None:
         r2 = Refiner("superpixel", {"algorithm": "slic"})
         save("superpixel slic propose+fuse (mask 256)", timed(lambda q: r2(q, pred), qs))
     from fdseg.sam import save_random_sam2
-    ck_t = save_random_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", tmp / "sam2.1_hiera_tiny.pt")
-    ck_tiny = save_random_sam2(ROOT / "tests" / "assets" / "sam2_tiny.yaml", tmp / "toy.pt")
-    for cfg, ck, tag in ((None, ck_t, "hiera_t 1024"), (ROOT / "tests/assets/sam2_tiny.yaml", ck_tiny, "toy 256")):
+    archs = []
+    if any(want(n) for n in ("sam2_track", "fm_prompt", "sam2_auto")):
+        if "hiera_t" in a.sam2:
+            archs.append((None, save_random_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", tmp / "sam2.1_hiera_tiny.pt"),
+                          "hiera_t 1024"))
+        if "toy" in a.sam2:
+            toy = ROOT / "tests" / "assets" / "sam2_tiny.yaml"
+            archs.append((toy, save_random_sam2(toy, tmp / "toy.pt"), "toy 256"))
+    for cfg, ck, tag in archs:
         opts = {"checkpoint": str(ck), **({"config": str(cfg)} if cfg else {})}
         if want("sam2_track"):
             for k in (1, 5):
