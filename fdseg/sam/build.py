@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -87,6 +88,9 @@ def _model_cfg(config: Path, kind: str):
     model = cfg.model
     model._target_ = KINDS[kind]
     over = VIDEO_OVERRIDES if kind == "video" else IMAGE_OVERRIDES
+    if kind == "video" and importlib.util.find_spec("sam2._C") is None:
+        # hole filling needs sam2's compiled extension; without it sam2 skips it with a warning per call
+        over = {**over, "fill_hole_area": 0}
     return OmegaConf.merge(model, OmegaConf.create(over))
 
 
