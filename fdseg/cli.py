@@ -198,7 +198,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_list(a: argparse.Namespace) -> int:
     from .backbones.registry import BACKBONES
     from .methods.registry import METHODS
-    for title, reg in (("backbones", BACKBONES), ("methods", METHODS)):
+    from .refine.proposers import PROPOSERS
+    for title, reg in (("backbones", BACKBONES), ("methods", METHODS), ("refinements (--refine)", PROPOSERS)):
         print(f"{title}:")
         for n in reg.names():
             e = reg.entry(n)
