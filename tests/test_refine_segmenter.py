@@ -64,6 +64,9 @@ def test_sam_parts_name_the_extra_or_the_checkpoint():
 
 
 def test_bench_and_segment_cli_with_refine(defects_root, tmp_path, capsys):
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "refinements (--refine)" in listed and "superpixel" in listed and "fdseg[sam]" in listed
     out = tmp_path / "b"
     rc = main(["bench", "--data", str(defects_root), "--datasets", "crackforest", "--max-per-class", "3",
                "--shots", "1", "--out", str(out), "--no-progress", "--gallery", "0", "--threads", "1",
