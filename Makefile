@@ -6,7 +6,15 @@ STAMP  := $(VENV)/.installed
 # torch is pinned to the CPU build (a plain `torch` requirement pulls a multi-GB CUDA build)
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test clean
+# segment-anything extra (sam2, ultralytics, timm) needs torchvision, which does not import beside
+# torch 2.13.0: it gets its own venv; `make test` runs the SAM tests there (FDSEG_REQUIRE_SAM=1: no skips)
+SAM_VENV  := .venv-sam
+SAM_STAMP := $(SAM_VENV)/.installed
+SAM_TORCH := torch==2.14.1 torchvision==0.29.1
+# (+ the timm / torchvision-format backbone tests, which skip in the core venv)
+SAM_TESTS := tests/test_sam.py tests/test_backbones_dinov2.py tests/test_backbones_wide_resnet.py
+
+.PHONY: install install-sam demo test test-sam clean
 
 install: $(STAMP)
 
@@ -24,8 +32,20 @@ demo: $(STAMP)
 	  --query demo/queries --out demo-out
 	@echo "open demo-out/report.html"
 
-test: $(STAMP)
+$(SAM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install -q $(SAM_TORCH)
+	$(SAM_VENV)/bin/pip install -q -e '.[dev,sam]'
+	touch $(SAM_STAMP)
+
+install-sam: $(SAM_STAMP)
+
+test: $(STAMP) $(SAM_STAMP)
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-sam
+
+test-sam: $(SAM_STAMP)
+	FDSEG_REQUIRE_SAM=1 $(SAM_VENV)/bin/python -m pytest -q $(SAM_TESTS)
 
 clean:
-	rm -rf $(VENV) demo-out bench-out .pytest_cache
+	rm -rf $(VENV) $(SAM_VENV) demo-out bench-out .pytest_cache

@@ -47,6 +47,7 @@ class BenchConfig:
     segmenter: dict = field(default_factory=dict)   # FewShotSegmenter keyword arguments
     progress: bool = True
     cache_size: int = 64                 # feature grids kept per run (exact; 0 = the paper's re-extracting loop)
+    per_method: dict = field(default_factory=dict)  # method -> extra method_options (e.g. SAM2 checkpoint)
 
 
 def _peak_rss_mb() -> float:
@@ -54,8 +55,15 @@ def _peak_rss_mb() -> float:
 
 
 def _run_key(cfg: BenchConfig, method: str, shots: int) -> dict:
-    seg = {k: v for k, v in sorted(cfg.segmenter.items())}
+    seg = {k: v for k, v in sorted(_seg_kwargs(cfg, method).items())}
     return {"method": method, "shots": shots, "seed": cfg.seed, "eval_size": cfg.eval_size, "segmenter": seg}
+
+
+def _seg_kwargs(cfg: BenchConfig, method: str) -> dict:
+    extra = cfg.per_method.get(method)
+    if not extra:
+        return dict(cfg.segmenter)
+    return {**cfg.segmenter, "method_options": {**extra, **cfg.segmenter.get("method_options", {})}}
 
 
 def _hash(d: dict) -> str:
@@ -129,9 +137,11 @@ def run_episode(seg: FewShotSegmenter, root: Path, ep: Episode, eval_size: int):
     seg.fit([root / p for p in ep.supports], [root / p for p in ep.support_masks])
     t1 = time.perf_counter()
     margin, (h, w) = seg.margins(root / ep.query)
-    t2 = time.perf_counter()
     size = (eval_size, eval_size) if eval_size else (h, w)
     pred = (upsample_scores(margin, size) > seg.threshold).numpy()
+    if getattr(seg, "refiner", None) is not None:
+        pred = seg.refine_mask(root / ep.query, pred)
+    t2 = time.perf_counter()
     if ep.query_mask is None:
         gt = np.zeros(size, dtype=bool)
     else:
@@ -163,7 +173,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                "segmenter": cfg.segmenter, "runs": []}
     classes = {ds: sorted(c) for ds, c in cat.classes.items()}
     for method in cfg.methods:
-        seg = FewShotSegmenter(method=method, cache_size=cfg.cache_size, **cfg.segmenter)
+        seg = FewShotSegmenter(method=method, cache_size=cfg.cache_size, **_seg_kwargs(cfg, method))
         for k in cfg.shots:
             results["runs"].append(_bench_one(cfg, seg, method, k, episodes_by_k[k], root, classes, out))
     _write_outputs(results, out, cat)

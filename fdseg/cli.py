@@ -32,6 +32,17 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
     g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="method setting, repeatable; fm: precision=auto|fp32|bf16, bg_coreset=0.25 "
                         "(fraction or count of background cells kept), fg_min=0")
+    r = p.add_argument_group("refinement and segment-anything (fastsam / sam2 need fdseg[sam])")
+    r.add_argument("--refine", default=None, metavar="NAME",
+                   help="refine each mask with a region proposer: superpixel (offline), fastsam, sam2_auto")
+    r.add_argument("--refine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="proposer or fusion setting, repeatable (e.g. scale=200, min_overlap=0.2, dilation=21)")
+    r.add_argument("--fastsam-checkpoint", default=None, help="FastSAM-s.pt / FastSAM-x.pt (for --refine fastsam)")
+    r.add_argument("--sam2-checkpoint", default=None,
+                   help="SAM2 checkpoint (.pt) for --method sam2_track / fm_prompt and --refine sam2_auto")
+    r.add_argument("--sam2-config", default=None,
+                   help="SAM2 model config: a YAML file or a config name shipped with sam2 "
+                        "(e.g. configs/sam2.1/sam2.1_hiera_t.yaml)")
 
 
 def _option_value(text: str):
@@ -58,7 +69,28 @@ def _segmenter_kwargs(a: argparse.Namespace) -> dict:
               threshold=a.threshold, device=a.device)
     if a.method_option:
         kw["method_options"] = _method_options(a.method_option)
+    if a.refine and a.refine != "none":
+        ro = _method_options(a.refine_option)
+        if a.refine == "fastsam" and a.fastsam_checkpoint:
+            ro.setdefault("checkpoint", a.fastsam_checkpoint)
+        if a.refine == "sam2_auto":
+            ro.update({k: v for k, v in _sam2_files(a).items() if k not in ro})
+        kw.update(refine=a.refine, refine_options=ro)
     return kw
+
+
+SAM2_METHODS = ("sam2_track", "fm_prompt")
+
+
+def _sam2_files(a: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("checkpoint", a.sam2_checkpoint), ("config", a.sam2_config)) if v}
+
+
+def _with_sam2(kw: dict, method: str, a: argparse.Namespace) -> dict:
+    """``kw`` with --sam2-checkpoint / --sam2-config added to a SAM2 method's options."""
+    if method not in SAM2_METHODS or not _sam2_files(a):
+        return kw
+    return {**kw, "method_options": {**_sam2_files(a), **kw.get("method_options", {})}}
 
 
 def _threads(a: argparse.Namespace) -> None:
@@ -75,7 +107,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
     if a.engine == "ray":
         res = _segment_ray(a, supports)
     else:
-        seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size, **_segmenter_kwargs(a))
+        seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size,
+                               **_with_sam2(_segmenter_kwargs(a), a.method, a))
         seg.fit([s[0] for s in supports], [s[1] for s in supports])
         queries = collect_queries(a.query)
         res = segment_folder(seg, queries, a.out, progress=not a.no_progress, resume=a.resume, supports=supports)
@@ -121,7 +154,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
                       eval_size=a.eval_size, datasets=a.datasets, classes=a.classes,
                       max_per_class=a.max_per_class, episodes_file=Path(a.episodes) if a.episodes else None,
                       gallery=a.gallery, segmenter=_segmenter_kwargs(a), progress=not a.no_progress,
-                      cache_size=0 if a.no_cache else 64)
+                      cache_size=0 if a.no_cache else 64,
+                      per_method={m: _with_sam2({}, m, a)["method_options"] for m in a.method
+                                  if _with_sam2({}, m, a)})
     res = run_bench(cfg)
     print(markdown_table(res))
     print(f"-> {Path(a.out) / 'report.html'}")
@@ -210,7 +245,8 @@ def cmd_distill(a: argparse.Namespace) -> int:
 def cmd_list(a: argparse.Namespace) -> int:
     from .backbones.registry import BACKBONES
     from .methods.registry import METHODS
-    for title, reg in (("backbones", BACKBONES), ("methods", METHODS)):
+    from .refine.proposers import PROPOSERS
+    for title, reg in (("backbones", BACKBONES), ("methods", METHODS), ("refinements (--refine)", PROPOSERS)):
         print(f"{title}:")
         for n in reg.names():
             e = reg.entry(n)

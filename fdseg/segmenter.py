@@ -84,6 +84,10 @@ class FewShotSegmenter:
     batch_size, loader_threads:
         queries run through the backbone together in batches; images are decoded by a
         small thread pool ahead of the compute.
+    refine, refine_options:
+        region proposer (``fdseg.refine.list_proposers()``: superpixel, fastsam, sam2_auto) whose
+        candidates refine each predicted mask with the paper's fusion rules
+        (:mod:`fdseg.refine.fusion`); options go to the proposer and the fusion rules.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", method: str = "fm", *,
@@ -93,7 +97,7 @@ class FewShotSegmenter:
                  weights: str | Path | None = None, backbone_options: dict | None = None,
                  method_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2,
-                 support_augment: str = "none"):
+                 support_augment: str = "none", refine: str | None = None, refine_options: dict | None = None):
         self.settings = dict(backbone=backbone, method=method, input_size=input_size, resize=resize,
                              tile_scale=tile_scale, tile_overlap=tile_overlap, antialias=antialias,
                              feature_stride=feature_stride, local_avg=local_avg, threshold=threshold,
@@ -124,6 +128,11 @@ class FewShotSegmenter:
                                   self.preprocess, feature_stride, local_avg))
         self.batch_size = max(1, int(batch_size))
         self.loader_threads = max(1, int(loader_threads))
+        self.refiner = None
+        if refine and refine != "none":
+            from .refine import Refiner
+            self.refiner = Refiner(refine, refine_options, device=str(self.device))
+            self.settings.update(refine=refine, refine_options=dict(refine_options or {}))
 
     # -- inputs -----------------------------------------------------------------
     @property
@@ -173,7 +182,7 @@ class FewShotSegmenter:
 
     # -- loading + features (shared by fit and predict) ------------------------
     def _needs_image(self) -> bool:
-        return self.extractor is None or getattr(self.method, "needs_image", False)
+        return self.extractor is None or getattr(self.method, "needs_image", False) or self.refiner is not None
 
     def _load(self, image: ImageLike, name: str):
         """-> [rgb or None, features or None, (H, W), cache key]; a cached file is not decoded."""
@@ -217,6 +226,11 @@ class FewShotSegmenter:
         mask_t = full > self.threshold
         score = torch.sigmoid((full - self.threshold) / self.method.temperature)
         mask = mask_t.cpu().numpy()
+        if self.refiner is not None:
+            mask = self.refiner(image, mask)
+            # keep the score map consistent with the refined mask (0.5 = decision boundary)
+            s = score.cpu().numpy()
+            score = torch.from_numpy(np.where(mask, np.maximum(s, 0.5 + 1e-3), np.minimum(s, 0.5 - 1e-3)))
         return Prediction(mask, score.cpu().numpy().astype(np.float32, copy=False), margin.float().cpu().numpy(),
                           source, connected_boxes(mask), image)
 
@@ -272,6 +286,13 @@ class FewShotSegmenter:
                         continue
                     margin = self.method.score(Query(it[0], it[1]))
                     yield name, self._finish(margin, it[2], name, it[0])
+
+    def refine_mask(self, image: ImageLike | np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``mask`` refined with this segmenter's proposer (unchanged without one)."""
+        if self.refiner is None:
+            return mask
+        rgb = image if isinstance(image, np.ndarray) else self.load(image)
+        return self.refiner(rgb, mask)
 
     def describe(self) -> dict:
         return {**self.settings, "device": str(self.device), "supports": self.n_supports,
