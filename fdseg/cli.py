@@ -18,10 +18,10 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
     g.add_argument("--backbone", default="efficientnet_lite0", help="feature backbone (default: efficientnet_lite0)")
     g.add_argument("--weights", default=None, help="backbone weights file (default: the backbone's own)")
     g.add_argument("--size", type=int, default=256, help="network input size / tile size (default: 256)")
-    g.add_argument("--resize", default="resize", choices=["resize", "aspect", "tile", "auto"],
-                   help="resize: squeeze to size x size (paper); aspect: keep aspect, long side = size; "
-                        "tile: native resolution x --tile-scale in size x size tiles; auto: images with a long "
-                        "side >= 2 x size are seen aspect-kept at 2 x size with a 2 x coarser cell, others as resize")
+    g.add_argument("--resize", default="auto", choices=["resize", "aspect", "tile", "auto"],
+                   help="auto (default): images with a long side >= 2 x size are seen aspect-kept at 2 x size with a "
+                        "2 x coarser cell, others as resize; resize: squeeze to size x size (the paper); aspect: keep aspect, long side = size; "
+                        "tile: native resolution x --tile-scale in size x size tiles")
     g.add_argument("--tile-scale", type=float, default=1.0, help="image scale in tile mode (default 1 = native)")
     g.add_argument("--feature-stride", type=int, default=4, help="feature grid cell in input pixels (default 4)")
     g.add_argument("--local-avg", type=int, default=1, help="k x k local feature averaging (default 1 = off)")
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--weights", action="append", metavar="BACKBONE=PATH",
                    help="weights file for a backbone that needs one (repeatable)")
     v.add_argument("--size", type=int, default=256, help="default network input size")
-    v.add_argument("--resize", default="resize", choices=["resize", "aspect", "tile", "auto"])
+    v.add_argument("--resize", default="auto", choices=["resize", "aspect", "tile", "auto"])
     v.add_argument("--threshold", type=float, default=0.0)
     v.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     v.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

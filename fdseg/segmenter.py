@@ -70,8 +70,10 @@ class FewShotSegmenter:
     backbone, method:
         registry names (``fdseg.list_backbones()``, ``fdseg.list_methods()``).
     input_size, resize, tile_scale, tile_overlap, antialias:
-        preprocessing (:class:`fdseg.data.preprocess.Preprocess`); the paper squeezes
-        every image to 256 x 256 (``resize="resize"``).
+        preprocessing (:class:`fdseg.data.preprocess.Preprocess`). Default ``"auto"``: an
+        image whose long side is at least 2 x ``input_size`` is seen aspect-kept at 2 x
+        ``input_size`` with a 2 x coarser grid cell; smaller ones are squeezed to
+        ``input_size`` squared, as the paper does for all (``resize="resize"`` = the paper).
     feature_stride, local_avg:
         feature grid (:class:`fdseg.features.FeatureConfig`); stride 4 = 64 x 64 cells at 256.
     threshold:
@@ -91,7 +93,7 @@ class FewShotSegmenter:
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", method: str = "fm", *,
-                 input_size: int = 256, resize: str = "resize", tile_scale: float = 1.0,
+                 input_size: int = 256, resize: str = "auto", tile_scale: float = 1.0,
                  tile_overlap: int = 64, antialias: bool = False, feature_stride: int = 4,
                  local_avg: int = 1, threshold: float = 0.0, device: str = "cpu",
                  weights: str | Path | None = None, backbone_options: dict | None = None,

@@ -61,7 +61,8 @@ def test_meta_segments_real_images_via_segmenter(defects_root, trained):
     cfg, _ = trained
     imgs = sorted((defects_root / "bsdata" / "pitting" / "images").iterdir())[:3]
     masks = [defects_root / "bsdata" / "pitting" / "masks" / (p.stem + ".png") for p in imgs]
-    seg = FewShotSegmenter(method="meta", input_size=64, method_options={"checkpoint": str(cfg.checkpoint)})
+    seg = FewShotSegmenter(method="meta", input_size=64, resize="resize",
+                           method_options={"checkpoint": str(cfg.checkpoint)})
     seg.fit(imgs[:1], masks[:1])
     preds = seg.predict(imgs[1:])
     from PIL import Image

@@ -10,6 +10,9 @@ from fdseg.metrics import benchmark_mean, dataset_scores, episode_counts
 
 # a fast subset: small images from three datasets (textures), 10 images per class
 SUBSET = dict(datasets=["sd_saliency_900", "magnetic_tile", "crackforest"], max_per_class=10)
+# regression floor for the default (resize="auto"): measured 0.345 on this subset (the paper's
+# resize="resize": 0.338); the floor leaves 1 point for BLAS / platform differences
+FLOOR = 0.335
 
 
 def _score(records, cat):
@@ -41,8 +44,9 @@ def test_fm_beats_trivial_predictors(subset_results):
     assert len(eps) == 90
     assert miou["all_bg"] == 0.0
     best_trivial = max(miou["all_fg"], miou["copy_support"])
-    # measured: fm 0.34, all-foreground 0.09, copied support mask 0.06 on this subset
+    # measured: fm 0.345, all-foreground 0.09, copied support mask 0.06 on this subset
     assert miou["fm"] > best_trivial + 0.1, miou
+    assert miou["fm"] >= FLOOR, miou
 
 
 def test_same_seed_same_numbers(subset_results, defects_root):

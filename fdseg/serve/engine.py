@@ -136,7 +136,7 @@ class Settings:
     refine: str = "none"
     threshold: float = 0.0
     size: int = 256
-    resize: str = "resize"
+    resize: str = "auto"
 
     @classmethod
     def parse(cls, form: dict[str, str], defaults: "Settings") -> "Settings":
