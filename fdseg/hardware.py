@@ -23,7 +23,7 @@ def cpu_flags() -> frozenset[str]:
 def fast_bf16(device: torch.device | str = "cpu") -> bool:
     """True where bf16 matmul is faster than fp32: CUDA with bf16 support, or a CPU
     with AVX-512 BF16 / AMX. (On an AVX2-only CPU bf16 matmul is emulated and ~15x
-    slower than fp32, measured on AMD EPYC Zen1.)"""
+    slower than fp32, measured on an AVX2-only AMD EPYC.)"""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -42,15 +42,20 @@ def matmul_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dt
 
 
 def describe_cpu() -> str:
-    name = "unknown CPU"
+    name, family = "unknown CPU", ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and name == "unknown CPU":
                     name = line.split(":", 1)[1].strip()
+                elif line.startswith("cpu family") and not family:
+                    family = line.split(":", 1)[1].strip()
+                if name != "unknown CPU" and family:
                     break
     except OSError:
         pass
+    if family:          # a bare "AMD EPYC" says little: the family tells the generation (25 = Zen 3/4)
+        name = f"{name}, cpu family {family}"
     import os
     simd = "AVX-512" if "avx512f" in cpu_flags() else ("AVX2" if "avx2" in cpu_flags() else "no AVX2")
     bf16 = ", bf16" if fast_bf16("cpu") else ""
