@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import read_torch_file
 from ..errors import InputError
 
 
@@ -41,13 +42,8 @@ class Backbone(nn.Module):
 def load_state_dict_file(path: str | Path, what: str) -> dict:
     """Load a checkpoint safely (``weights_only=True``) and return its state dict."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, f"{what} weights file does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError ...
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(path, f"cannot load {what} weights: not a plain state dict or corrupt file ({msg})") from None
+    obj = read_torch_file(path, missing=f"{what} weights file does not exist",
+                          unreadable=f"cannot load {what} weights: not a plain state dict or corrupt file")
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict", "params"):
             if key in obj and isinstance(obj[key], dict):

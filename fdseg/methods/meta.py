@@ -25,6 +25,7 @@ from torch import nn
 
 from .base import Method, Query, Support
 from .registry import register_method
+from ..checkpoint import read_torch_file
 from ..errors import InputError
 
 CHECKPOINT_FORMAT = "fdseg-meta"
@@ -81,12 +82,8 @@ class MetaProtoNet(nn.Module):
 def load_checkpoint(path: str | Path) -> dict:
     """Read and check a ``train-meta`` checkpoint (weights only, never code)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "meta checkpoint file does not exist (train one with `fdseg train-meta`)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(path, f"not a readable torch checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    ck = read_torch_file(path, missing="meta checkpoint file does not exist (train one with `fdseg train-meta`)",
+                         unreadable="not a readable torch checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise InputError(path, "not an fdseg meta checkpoint (expected one written by `fdseg train-meta`)")
     if int(ck.get("version", -1)) != CHECKPOINT_VERSION:

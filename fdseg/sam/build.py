@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import read_torch_file
 from ..errors import InputError, MissingExtraError
 
 KINDS = {"image": "sam2.modeling.sam2_base.SAM2Base", "video": "sam2.sam2_video_predictor.SAM2VideoPredictor"}
@@ -109,13 +110,8 @@ def instantiate_sam2(config: str | Path, kind: str = "image") -> torch.nn.Module
 
 def load_sam2_state(checkpoint: str | Path) -> dict:
     ck = Path(checkpoint)
-    if not ck.is_file():
-        raise InputError(ck, "SAM2 checkpoint not found")
-    try:
-        obj = torch.load(ck, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(ck, f"cannot be read as a SAM2 checkpoint (a torch file of tensors under 'model'): "
-                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    obj = read_torch_file(ck, missing="SAM2 checkpoint not found",
+                          unreadable="cannot be read as a SAM2 checkpoint (a torch file of tensors under 'model')")
     sd = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise InputError(ck, "not a SAM2 checkpoint: expected a dict with a 'model' state dict")
