@@ -25,6 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
     g.add_argument("--tile-scale", type=float, default=1.0, help="image scale in tile mode (default 1 = native)")
     g.add_argument("--feature-stride", type=int, default=4, help="feature grid cell in input pixels (default 4)")
     g.add_argument("--local-avg", type=int, default=1, help="k x k local feature averaging (default 1 = off)")
+    g.add_argument("--support-augment", default="none", choices=["none", "flip", "dihedral"],
+                   help="add flipped (flip: 2 more) or all 8 rotated/flipped (dihedral) views of each support")
     g.add_argument("--threshold", type=float, default=0.0, help="margin threshold (default 0 = argmax)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -69,6 +71,8 @@ def _segmenter_kwargs(a: argparse.Namespace) -> dict:
               threshold=a.threshold, device=a.device)
     if a.method_option:
         kw["method_options"] = _method_options(a.method_option)
+    if a.support_augment != "none":          # only when asked: keeps earlier bench runs' settings hash
+        kw["support_augment"] = a.support_augment
     if a.refine and a.refine != "none":
         ro = _method_options(a.refine_option)
         if a.refine == "fastsam" and a.fastsam_checkpoint:
