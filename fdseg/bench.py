@@ -136,11 +136,11 @@ def run_episode(seg: FewShotSegmenter, root: Path, ep: Episode, eval_size: int):
     t0 = time.perf_counter()
     seg.fit([root / p for p in ep.supports], [root / p for p in ep.support_masks])
     t1 = time.perf_counter()
-    margin, (h, w) = seg.margins(root / ep.query)
+    margin, (h, w), rgb = seg._margins(root / ep.query)
     size = (eval_size, eval_size) if eval_size else (h, w)
     pred = (upsample_scores(margin, size) > seg.threshold).numpy()
-    if getattr(seg, "refiner", None) is not None:
-        pred = seg.refine_mask(root / ep.query, pred)
+    if seg.refiner is not None:                 # the query decoded once, for the features and the proposer
+        pred = seg.refine_mask(rgb if rgb is not None else root / ep.query, pred)
     t2 = time.perf_counter()
     if ep.query_mask is None:
         gt = np.zeros(size, dtype=bool)

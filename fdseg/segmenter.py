@@ -217,10 +217,15 @@ class FewShotSegmenter:
     @torch.inference_mode()
     def margins(self, image: ImageLike, name: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """Raw margin grid of one query (on the CPU) and the query's (H, W)."""
+        margin, size, _ = self._margins(image, name)
+        return margin, size
+
+    def _margins(self, image: ImageLike, name: str | None = None):
+        """:meth:`margins` plus the decoded query (None when it was not needed, e.g. cached features)."""
         self._check_fitted()
         item = self._load(image, name or _name(image, 0, "query image"))
         self._ensure_features([item])
-        return self.method.score(Query(item[0], item[1])).float().cpu(), item[2]
+        return self.method.score(Query(item[0], item[1])).float().cpu(), item[2], item[0]
 
     def _finish(self, margin: torch.Tensor, size: tuple[int, int], source: str,
                 image: np.ndarray | None = None) -> Prediction:
