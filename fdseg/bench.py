@@ -46,7 +46,7 @@ class BenchConfig:
     gallery: int = 3                     # gallery panels per (method, shots, dataset)
     segmenter: dict = field(default_factory=dict)   # FewShotSegmenter keyword arguments
     progress: bool = True
-    cache_size: int = 64                 # feature grids kept per run (exact; 0 = the paper's re-extracting loop)
+    cache_size: int = 192                # feature grids kept per run, support views included (exact; 0 = the paper's loop)
     per_method: dict = field(default_factory=dict)  # method -> extra method_options (e.g. SAM2 checkpoint)
 
 
@@ -56,7 +56,22 @@ def _peak_rss_mb() -> float:
 
 def _run_key(cfg: BenchConfig, method: str, shots: int) -> dict:
     seg = {k: v for k, v in sorted(_seg_kwargs(cfg, method).items())}
-    return {"method": method, "shots": shots, "seed": cfg.seed, "eval_size": cfg.eval_size, "segmenter": seg}
+    key = {"method": method, "shots": shots, "seed": cfg.seed, "eval_size": cfg.eval_size, "segmenter": seg}
+    defaults = _method_defaults(method)
+    if defaults:      # a changed default (e.g. fm's head) must not resume an older run's results
+        key["method_defaults"] = defaults
+    return key
+
+
+def _method_defaults(method: str) -> dict:
+    import inspect
+    from .methods.registry import method_entry
+    try:
+        sig = inspect.signature(method_entry(method).factory.__init__)
+    except Exception:  # an unknown method fails later with its own message
+        return {}
+    return {n: p.default for n, p in sig.parameters.items()
+            if p.default is not inspect.Parameter.empty and isinstance(p.default, (int, float, str, bool, type(None)))}
 
 
 def _seg_kwargs(cfg: BenchConfig, method: str) -> dict:

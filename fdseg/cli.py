@@ -22,11 +22,15 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
                    help="auto (default): images with a long side >= 2 x size are seen aspect-kept at 2 x size with a "
                         "2 x coarser cell, others as resize; resize: squeeze to size x size (the paper); aspect: keep aspect, long side = size; "
                         "tile: native resolution x --tile-scale in size x size tiles")
+    g.add_argument("--zoom", default="auto", choices=["auto", "1", "2"],
+                   help="auto (default): with --resize auto, images with a long side >= 4 x size are seen at 4 x size "
+                        "(twice the grid) when the supports' defects are under 2 grid cells across; 1: never; 2: always")
     g.add_argument("--tile-scale", type=float, default=1.0, help="image scale in tile mode (default 1 = native)")
     g.add_argument("--feature-stride", type=int, default=4, help="feature grid cell in input pixels (default 4)")
     g.add_argument("--local-avg", type=int, default=1, help="k x k local feature averaging (default 1 = off)")
-    g.add_argument("--support-augment", default="none", choices=["none", "flip", "dihedral"],
-                   help="add flipped (flip: 2 more) or all 8 rotated/flipped (dihedral) views of each support")
+    g.add_argument("--support-augment", default="flip", choices=["none", "flip", "dihedral"],
+                   help="flip (default): each support also flipped left-right and up-down (3x the bank); "
+                        "dihedral: all 8 rotated/flipped views; none: the paper's bank")
     g.add_argument("--threshold", type=float, default=0.0, help="margin threshold (default 0 = argmax)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -68,11 +72,10 @@ def _method_options(items: list[str]) -> dict:
 def _segmenter_kwargs(a: argparse.Namespace) -> dict:
     kw = dict(backbone=a.backbone, weights=a.weights, input_size=a.size, resize=a.resize,
               tile_scale=a.tile_scale, feature_stride=a.feature_stride, local_avg=a.local_avg,
-              threshold=a.threshold, device=a.device)
+              threshold=a.threshold, device=a.device, zoom=a.zoom if a.zoom == "auto" else int(a.zoom))
     if a.method_option:
         kw["method_options"] = _method_options(a.method_option)
-    if a.support_augment != "none":          # only when asked: keeps earlier bench runs' settings hash
-        kw["support_augment"] = a.support_augment
+    kw["support_augment"] = a.support_augment
     if a.refine and a.refine != "none":
         ro = _method_options(a.refine_option)
         if a.refine == "fastsam" and a.fastsam_checkpoint:
@@ -158,7 +161,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                       eval_size=a.eval_size, datasets=a.datasets, classes=a.classes,
                       max_per_class=a.max_per_class, episodes_file=Path(a.episodes) if a.episodes else None,
                       gallery=a.gallery, segmenter=_segmenter_kwargs(a), progress=not a.no_progress,
-                      cache_size=0 if a.no_cache else 64,
+                      cache_size=0 if a.no_cache else 192,
                       per_method={m: _with_sam2({}, m, a)["method_options"] for m in a.method
                                   if _with_sam2({}, m, a)})
     res = run_bench(cfg)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,6 +87,14 @@ class FewShotSegmenter:
     batch_size, loader_threads:
         queries run through the backbone together in batches; images are decoded by a
         small thread pool ahead of the compute.
+    support_augment:
+        ``"flip"`` (default): each support also seen flipped left-right and up-down (3x the
+        bank); ``"dihedral"``: all 8 views; ``"none"``: the paper's bank.
+    zoom:
+        ``"auto"`` (default, with ``resize="auto"``): when the supports' defects are under 2
+        grid cells across (median connected component) and the images have a long side of
+        at least 4 x ``input_size``, the supports and queries are seen at 4 x ``input_size``
+        with the same cell (twice the grid on each side; 16x the matching); ``1``: never; ``2``: always.
     refine, refine_options:
         region proposer (``fdseg.refine.list_proposers()``: superpixel, fastsam, sam2_auto) whose
         candidates refine each predicted mask with the paper's fusion rules
@@ -99,7 +108,8 @@ class FewShotSegmenter:
                  weights: str | Path | None = None, backbone_options: dict | None = None,
                  method_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2,
-                 support_augment: str = "none", refine: str | None = None, refine_options: dict | None = None):
+                 support_augment: str = "flip", refine: str | None = None, refine_options: dict | None = None,
+                 zoom: str | int = "auto"):
         self.settings = dict(backbone=backbone, method=method, input_size=input_size, resize=resize,
                              tile_scale=tile_scale, tile_overlap=tile_overlap, antialias=antialias,
                              feature_stride=feature_stride, local_avg=local_avg, threshold=threshold,
@@ -124,10 +134,14 @@ class FewShotSegmenter:
             raise InputError("support_augment", f"choose from {', '.join(AUGMENTATIONS)}, got {support_augment!r}")
         self.support_augment = support_augment
         self.settings["support_augment"] = support_augment
+        if zoom not in ("auto", 1, 2, "1", "2"):
+            raise InputError("zoom", f"choose auto, 1 or 2, got {zoom!r}")
+        self.zoom = zoom if zoom == "auto" else int(zoom)
+        self.settings["zoom"] = self.zoom
         self.cache = FeatureCache(cache_size)
-        # what the cached features depend on: segmenters with equal tags may share one cache
-        self._feature_tag = repr((backbone, self.settings["weights"], sorted((backbone_options or {}).items()),
-                                  self.preprocess, feature_stride, local_avg))
+        self._tag_base = (backbone, self.settings["weights"], sorted((backbone_options or {}).items()),
+                          feature_stride, local_avg)
+        self._set_zoom(1 if self.zoom == "auto" else self.zoom)
         self.batch_size = max(1, int(batch_size))
         self.loader_threads = max(1, int(loader_threads))
         self.refiner = None
@@ -135,6 +149,14 @@ class FewShotSegmenter:
             from .refine import Refiner
             self.refiner = Refiner(refine, refine_options, device=str(self.device))
             self.settings.update(refine=refine, refine_options=dict(refine_options or {}))
+
+    def _set_zoom(self, z: int) -> None:
+        """Use preprocessing zoom ``z`` (1 or 2) from now on (fit decides it in ``zoom="auto"``)."""
+        self.preprocess = dataclasses.replace(self.preprocess, zoom=z)
+        if self.extractor is not None:
+            self.extractor.preprocess = self.preprocess
+        # what the cached features depend on: segmenters with equal tags may share one cache
+        self._feature_tag = repr((*self._tag_base, self.preprocess))
 
     # -- inputs -----------------------------------------------------------------
     @property
@@ -154,29 +176,44 @@ class FewShotSegmenter:
                                          f"and {len(masks) if isinstance(masks, (list, tuple)) else 1} masks")
         if not images:
             raise InputError("supports", "need at least one support image with its mask")
-        loaded = [self._load(im, _name(im, i, "support image")) for i, im in enumerate(images)]
+        names = [_name(im, i, "support image") for i, im in enumerate(images)]
+        loaded = [self._load(im, n) for im, n in zip(images, names)]
+        loaded_masks = []
+        for i, (m, it) in enumerate(zip(masks, loaded)):
+            mask = load_mask(m, size=it[2], max_pixels=self.max_pixels, name=_name(m, i, "support mask"))
+            check_support_mask(mask, _name(m, i, "support mask"))
+            loaded_masks.append(mask)
+        if self.zoom == "auto" and self.preprocess.mode == "auto" and self.extractor is not None:
+            z = choose_zoom(loaded_masks, self.preprocess, self.extractor.config.stride)
+            if z != self.preprocess.zoom:
+                self._set_zoom(z)
+                loaded = [self._load(im, n) for im, n in zip(images, names)]   # features at the new zoom
         self._ensure_features(loaded)
         supports = []
-        for i, (m, (rgb, feats, size, key)) in enumerate(zip(masks, loaded)):
-            mask = load_mask(m, size=size, max_pixels=self.max_pixels, name=_name(m, i, "support mask"))
-            check_support_mask(mask, _name(m, i, "support mask"))
+        for i, (mask, (rgb, feats, size, key)) in enumerate(zip(loaded_masks, loaded)):
             cov = mask_coverage(mask, tuple(feats.shape[-2:])).to(feats.device) if feats is not None else None
             supports.append(Support(rgb, mask, feats, cov))
         n = len(supports)
         if self.support_augment != "none" and self.extractor is not None:
-            supports += self._augmented(supports, images)
+            supports += self._augmented(supports, images, [it[3] for it in loaded])
         self.method.fit(supports)
         self.n_supports = n
         return self
 
-    def _augmented(self, supports: list[Support], images) -> list[Support]:
-        """Flipped / rotated copies of the supports (their own backbone passes)."""
+    def _augmented(self, supports: list[Support], images, keys: list) -> list[Support]:
+        """Flipped / rotated copies of the supports (their own backbone passes, cached per file and view)."""
         ops = AUGMENTATIONS[self.support_augment]
         out = []
         for i, s in enumerate(supports):
-            rgb = s.image if s.image is not None else self.load(images[i], _name(images[i], i, "support image"))
-            ims = [np.ascontiguousarray(op(rgb)) for op in ops]
-            feats = self.extractor.batch(ims)
+            vkeys = [None if keys[i] is None else (*keys[i], "view", j) for j in range(len(ops))]
+            hits = [self.cache.get(k) for k in vkeys]
+            if all(h is not None for h in hits):
+                feats = [h[0] for h in hits]
+            else:
+                rgb = s.image if s.image is not None else self.load(images[i], _name(images[i], i, "support image"))
+                feats = self.extractor.batch([np.ascontiguousarray(op(rgb)) for op in ops])
+                for k, f in zip(vkeys, feats):
+                    self.cache.put(k, f, tuple(f.shape[-2:]))
             for op, f in zip(ops, feats):
                 m = np.ascontiguousarray(op(s.mask))
                 out.append(Support(None, m, f, mask_coverage(m, tuple(f.shape[-2:])).to(f.device)))
@@ -303,6 +340,7 @@ class FewShotSegmenter:
 
     def describe(self) -> dict:
         return {**self.settings, "device": str(self.device), "supports": self.n_supports,
+                "zoom_in_use": self.preprocess.zoom,
                 **({"matching": self.method.describe()} if self.n_supports else {})}
 
     def to(self, device: str) -> "FewShotSegmenter":
@@ -320,6 +358,28 @@ class FewShotSegmenter:
                 if isinstance(v, (torch.Tensor, torch.nn.Module)):
                     setattr(self.method, k, v.to(self.device))
         return self
+
+
+ZOOM_BELOW_CELLS = 2.0
+
+
+def choose_zoom(masks: list[np.ndarray], pre: Preprocess, stride: int) -> int:
+    """The ``auto`` zoom rule: 2 when the supports' defects are small for the grid (the median
+    connected component, as a square, is less than ``ZOOM_BELOW_CELLS`` grid cells on a side at
+    zoom 1) and some support image has the pixels for it (long side >= 4 x the input size);
+    else 1. Small defects then cover 4x the cells, at 4x the cells per image (16x the matching)."""
+    from scipy import ndimage
+    base = dataclasses.replace(pre, zoom=1)
+    sides, room = [], False
+    for m in masks:
+        h, w = m.shape
+        room |= max(h, w) >= 4 * pre.size
+        H, W = base.input_size(h, w)
+        px = base.cell(H, W, stride) * max(h, w) / max(H, W)     # image pixels per grid cell
+        lab, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+        if n:
+            sides.extend(np.sqrt(np.bincount(lab.ravel())[1:]) / px)
+    return 2 if room and sides and float(np.median(sides)) < ZOOM_BELOW_CELLS else 1
 
 
 AUGMENTATIONS = {

@@ -5,6 +5,11 @@ Three modes, chosen with :class:`Preprocess`:
 * ``resize`` (the paper): every image is squeezed to ``size x size``.
 * ``aspect``: the long side becomes ``size``, the short side keeps the aspect
   ratio (rounded to a multiple of 32, at least 32).
+* ``auto`` (the default): an image whose long side is at least ``2 x size`` is seen
+  aspect-kept at ``2 x size`` with a 2x coarser grid cell (same grid, same matching cost);
+  smaller ones are squeezed as the paper does. ``zoom=2`` (chosen by the segmenter when the
+  supports' defects are smaller than 2 grid cells) sees an image whose long side is at least
+  ``4 x size`` at ``4 x size``, same cell: twice the grid on each side, where the pixels exist.
 * ``tile``: the image is scaled by ``scale`` (1.0 = native pixels), rounded to a
   multiple of 32, and its features are computed tile by tile (``size x size``
   tiles overlapping by ``overlap`` pixels) and stitched; for line-scan strips
@@ -39,8 +44,11 @@ class Preprocess:
     overlap: int = 64
     multiple: int = 32
     antialias: bool = False
+    zoom: int = 1
 
     def __post_init__(self):
+        if self.zoom not in (1, 2):
+            raise InputError("zoom", f"must be 1 or 2, got {self.zoom!r}")
         if self.mode not in MODES:
             raise InputError("--resize", f"unknown resize mode {self.mode!r} (choose from {', '.join(MODES)})")
         if self.size < self.multiple or self.size % self.multiple:
@@ -54,6 +62,9 @@ class Preprocess:
         """Network input size (H, W) for an image of h x w pixels."""
         if self.mode == "resize":
             return self.size, self.size
+        if self.mode == "auto" and self.zoom == 2 and max(h, w) >= 4 * self.size:
+            s = 4 * self.size / max(h, w)
+            return _round_to(h * s, self.multiple), _round_to(w * s, self.multiple)
         if self.mode == "aspect" or (self.mode == "auto" and max(h, w) >= 2 * self.size):
             s = (self.size if self.mode == "aspect" else 2 * self.size) / max(h, w)
             return _round_to(h * s, self.multiple), _round_to(w * s, self.multiple)

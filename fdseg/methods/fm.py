@@ -11,6 +11,12 @@ Speed options (see BENCHMARKS.md for what they cost and save):
   (PatchCore). A float in (0, 1] keeps that fraction, an int that many cells,
   None keeps all (exact).
 
+Beyond the paper (``head``): a linear head fitted on the supports' own cells (class-balanced
+logistic regression on the cosine features, L2-regularised, a few L-BFGS steps at ``fit``) adds a
+bounded vote to the margin: ``margin + head * 0.1 * tanh(logit / 4)``. It learns which channels
+separate this defect from this background, which plain cosine weighs equally; ``head=0`` is the
+paper's rule. See BENCHMARKS.md (accuracy section) for what it adds.
+
 Beyond the paper (``query_bg``): the query's own cells join the background evidence.
 A cell's background score becomes the larger of its best support-background cosine and
 its k-th best cosine to the query's other cells (more than ``query_bg_radius`` cells
@@ -20,6 +26,7 @@ appearance is common in the query is unlikely to be the (rare) defect.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import Method, Query, Support, support_cells
 from .registry import register_method
@@ -38,14 +45,48 @@ def coreset_size(n: int, spec: float | int | None) -> int:
     raise InputError("bg_coreset", f"expected a fraction in (0, 1] or a positive count, got {spec!r}")
 
 
+HEAD_SCALE = 0.1        # the head's vote is at most +-head * 0.1 in cosine-margin units
+FEATURE_GAIN = 10.0     # cosine features are scaled by this before the logistic regression
+
+
+def fit_linear_head(fg: torch.Tensor, bg: torch.Tensor, l2: float = 1e-3, steps: int = 60) -> torch.Tensor:
+    """Class-balanced, L2-regularised logistic regression fg-vs-bg on unit feature rows.
+    Returns [w (C), b] as one C+1 vector (fitted on the CPU in fp32, L-BFGS)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        # clone: the features may be inference tensors, which autograd cannot save
+        x = torch.cat([fg, bg]).float().cpu().clone() * FEATURE_GAIN
+        y = torch.cat([torch.ones(len(fg)), torch.zeros(len(bg))])
+        wts = torch.where(y > 0, 0.5 / len(fg), 0.5 / len(bg))
+        w = torch.zeros(x.shape[1] + 1, requires_grad=True)
+        opt = torch.optim.LBFGS([w], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            logit = x @ w[:-1] + w[-1]
+            loss = (wts * F.binary_cross_entropy_with_logits(logit, y, reduction="none")).sum() + l2 * (w[:-1] @ w[:-1])
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return w.detach().to(fg.device)
+
+
+def head_logits(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (q.float() * FEATURE_GAIN) @ w[:-1] + w[-1]
+
+
 @register_method("fm", summary="feature matching: max cosine to support foreground vs background cells (paper)")
 class FeatureMatching(Method):
     temperature = 0.05
 
     def __init__(self, fg_min: float = 0.0, chunk: int = DEFAULT_CHUNK, precision: str = "auto",
                  bg_coreset: float | int | None = None, seed: int = 0,
-                 query_bg: float | None = None, query_bg_radius: int = 1, query_bg_min_k: int = 3):
+                 query_bg: float | None = None, query_bg_radius: int = 1, query_bg_min_k: int = 3,
+                 head: float = 1.0, head_l2: float = 1e-3, head_steps: int = 60):
         self.fg_min, self.chunk, self.precision = fg_min, chunk, precision
+        if head < 0 or head_l2 < 0 or head_steps < 1:
+            raise InputError("fm head", f"need head >= 0, head_l2 >= 0, head_steps >= 1; got {head}, {head_l2}, {head_steps}")
+        self.head, self.head_l2, self.head_steps = float(head), float(head_l2), int(head_steps)
+        self.head_w: torch.Tensor | None = None
         self.bg_coreset, self.seed = bg_coreset, seed
         self.query_bg, self.query_bg_radius, self.query_bg_min_k = query_bg, query_bg_radius, query_bg_min_k
         matmul_dtype(precision)   # validate early
@@ -66,6 +107,8 @@ class FeatureMatching(Method):
         k = coreset_size(len(bg), self.bg_coreset)
         if k < len(bg):
             bg = bg[greedy_coreset(bg, k, self.seed)]
+        if self.head:
+            self.head_w = fit_linear_head(fg, bg, self.head_l2, self.head_steps)
         self.fg, self.bg = fg.contiguous(), bg.contiguous()
         self.fg_fraction = sum(fracs) / len(fracs)
         self.dtype = matmul_dtype(self.precision, fg.device)
@@ -79,9 +122,12 @@ class FeatureMatching(Method):
         if self.query_bg:
             k = max(self.query_bg_min_k, int(round(self.query_bg * self.fg_fraction * h * w)))
             bg = torch.maximum(bg, kth_self_similarity(q, h, w, k, self.query_bg_radius, self.chunk))
-        return (max_similarity(q, self.fg, self.chunk, self.dtype) - bg).view(h, w)
+        margin = max_similarity(q, self.fg, self.chunk, self.dtype) - bg
+        if self.head and self.head_w is not None:
+            margin = margin + self.head * HEAD_SCALE * torch.tanh(head_logits(q, self.head_w) / 4)
+        return margin.view(h, w)
 
     def describe(self) -> dict:
         return {"method": self.name, "fg_cells": int(len(self.fg)) if self.fg is not None else 0,
                 "bg_cells": int(len(self.bg)) if self.bg is not None else 0,
-                "matmul": str(getattr(self, "dtype", "")).replace("torch.", "")}
+                "matmul": str(getattr(self, "dtype", "")).replace("torch.", ""), "head": self.head}
