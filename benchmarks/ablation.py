@@ -76,17 +76,21 @@ def markdown(res: dict) -> str:
     datasets = sorted({ds for r in res["runs"].values() for s in r.values() for ds in s["datasets"]})
     lines = []
     for k in shots:
+        # variants that have this shot count on every dataset
+        names_k = [n for n in names if k in res["runs"][n] and set(res["runs"][n][k]["datasets"]) >= set(datasets)]
+        if not names_k:
+            continue
         lines += [f"### {k}-shot", "", "| variant | " + " | ".join(datasets) + " | class mean | ms/episode |",
                   "|---|" + "---|" * (len(datasets) + 2)]
-        for n in names:
+        for n in names_k:
             r = res["runs"][n][k]
             cells = [f"{100 * r['datasets'][d]['miou']:.1f}" if d in r["datasets"] else "-" for d in datasets]
             lines.append(f"| {n} | " + " | ".join(cells) + f" | **{100 * r['class_mean']:.1f}** | {r['ms_per_episode']:.0f} |")
         lines += ["", f"Leave-one-dataset-out ({k}-shot): the variant chosen on the other datasets, scored on the held-out one", "",
                   "| held out | chosen on the others | its mIoU there | best possible there |", "|---|---|---|---|"]
         for d in datasets:
-            pick = max(names, key=lambda n: class_mean(res["runs"][n][k], lambda ds: ds != d))
-            best = max(names, key=lambda n: res["runs"][n][k]["datasets"][d]["miou"])
+            pick = max(names_k, key=lambda n: class_mean(res["runs"][n][k], lambda ds: ds != d))
+            best = max(names_k, key=lambda n: res["runs"][n][k]["datasets"][d]["miou"])
             lines.append(f"| {d} | {pick} | {100 * res['runs'][pick][k]['datasets'][d]['miou']:.1f} | "
                          f"{100 * res['runs'][best][k]['datasets'][d]['miou']:.1f} ({best}) |")
         lines.append("")
