@@ -210,7 +210,7 @@ def main() -> None:
                 continue
             r = json.loads(Path(f).read_text())
             for name, run in r["runs"].items():
-                merged["runs"][f"{r['tag']} / {name}" if r["tag"] else name] = run
+                merged["runs"].setdefault(f"{r['tag']} / {name}" if r["tag"] else name, {}).update(run)
         md = markdown(merged)
         Path(a.out).write_text(md)
         print(md)
