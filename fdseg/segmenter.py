@@ -187,7 +187,7 @@ class FewShotSegmenter:
             z = choose_zoom(loaded_masks, self.preprocess, self.extractor.config.stride)
             if z != self.preprocess.zoom:
                 self._set_zoom(z)
-                loaded = [self._load(im, n) for im, n in zip(images, names)]   # features at the new zoom
+                loaded = [self._rekey(it, im, n) for it, im, n in zip(loaded, images, names)]
         self._ensure_features(loaded)
         supports = []
         for i, (mask, (rgb, feats, size, key)) in enumerate(zip(loaded_masks, loaded)):
@@ -234,6 +234,14 @@ class FewShotSegmenter:
             return [None, hit[0], hit[1], key]
         rgb = self.load(image, name)
         return [rgb, hit[0] if hit else None, rgb.shape[:2], key]
+
+    def _rekey(self, item: list, image: ImageLike, name: str) -> list:
+        """``item`` under the current feature tag (after a zoom change), keeping its decoded image."""
+        if item[0] is None:                       # features came from the cache: look up the new tag
+            return self._load(image, name)
+        key = None if item[3] is None else (item[3][0], self._feature_tag)
+        hit = self.cache.get(key)
+        return [item[0], hit[0] if hit else None, item[2], key]
 
     def _ensure_features(self, loaded: list[list]) -> None:
         """Run the backbone (batched) on the loaded items that have no features yet."""
