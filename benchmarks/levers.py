@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -134,6 +135,21 @@ def run_rules(names: list[str], sup: list[torch.Tensor], covs: list[torch.Tensor
             memo[flip, l2] = probe_logits(fga if flip else fg, bga if flip else bg, q, l2=l2)
         return memo[flip, l2]
 
+    ctx_memo: dict = {}
+
+    def ctx_probe(flip: bool, kind: str) -> torch.Tensor:
+        """The probe on each cell's features plus its 3x3 neighbourhood's mean (and max) features."""
+        if (flip, kind) not in ctx_memo:
+            def cx(f: torch.Tensor) -> torch.Tensor:
+                parts = [f, F.avg_pool2d(f[None], 3, 1, 1, count_include_pad=False)[0]]
+                if kind == "pmax":
+                    parts.append(F.max_pool2d(f[None], 3, 1, 1)[0])
+                return torch.cat(parts, 0)
+            ss, cc = (sup + sup_aug, covs + covs_aug) if flip else (sup, covs)
+            cfg, cbg = cells([cx(f) for f in ss], cc)
+            ctx_memo[flip, kind] = probe_logits(cfg, cbg, cx(qf.float()).flatten(1).T.contiguous())
+        return ctx_memo[flip, kind]
+
     for n in names:
         flip = "flip" in n
         base, bfg, bbg = (m0a, fga, bga) if flip else (m0, fg, bg)
@@ -144,6 +160,14 @@ def run_rules(names: list[str], sup: list[torch.Tensor], covs: list[torch.Tensor
             l2 = float(opt[0]) if opt else 1e-3
             lg = probe(flip, l2)
             out[n] = lg if len(opt) < 2 else base + float(opt[1]) * 0.1 * torch.tanh(lg / 4)
+        elif kind in ("pctx", "pmax"):         # pctx[:a]: fm + a * 0.1 * tanh(context-probe logit / 4)
+            a = float(opt[0]) if opt else 1.0
+            out[n] = base + a * 0.1 * torch.tanh(ctx_probe(flip, kind) / 4)
+        elif kind == "ev":                    # ev:g: fm + g * (sqrt(2 ln n_bg) - sqrt(2 ln n_fg)), bank-size bias
+            g = float(opt[0])
+            hv = probe(flip, 1e-3) if len(opt) > 1 else None
+            corr = g * (math.sqrt(2 * math.log(max(2, len(bbg)))) - math.sqrt(2 * math.log(max(2, len(bfg)))))
+            out[n] = base + corr + (0 if hv is None else float(opt[1]) * 0.1 * torch.tanh(hv / 4))
         elif kind == "cap":                   # cap:mult[:a]: at most mult x the supports' defect fraction of cells
             mult = float(opt[0])
             m = base if len(opt) < 2 else base + float(opt[1]) * 0.1 * torch.tanh(probe(flip, 1e-3) / 4)
@@ -159,6 +183,24 @@ def run_rules(names: list[str], sup: list[torch.Tensor], covs: list[torch.Tensor
         else:
             raise SystemExit(f"unknown rule {n}")
     return {k: v.view(h, w) for k, v in out.items()}
+
+
+def colour_ratio(imgs: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, bins: int,
+                 ring: int = 8) -> np.ndarray:
+    """Per query pixel: p(colour | support defect) / p(colour | support background near the defect),
+    from RGB histograms with ``bins`` levels per channel (add-one smoothing), all at 256 x 256."""
+    from scipy import ndimage
+
+    def idx(im: np.ndarray) -> np.ndarray:
+        q = (im.astype(np.int64) * bins) // 256
+        return (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
+    hf, hb = np.ones(bins ** 3), np.ones(bins ** 3)
+    for im, m in zip(imgs, masks):
+        i = idx(im)
+        hf += np.bincount(i[m], minlength=bins ** 3)
+        near = ndimage.binary_dilation(m, iterations=ring) & ~m if ring else ~m   # ring 0: all background
+        hb += np.bincount(i[near], minlength=bins ** 3)
+    return ((hf / hf.sum()) / (hb / hb.sum()))[idx(query)]
 
 
 def bench_runs(dirs: list[str]) -> dict:
@@ -197,6 +239,8 @@ def main() -> None:
     ap.add_argument("--views", nargs="+", default=["id", "h", "v"])
     ap.add_argument("--cache", default="levers-cache")
     ap.add_argument("--rules", nargs="+", default=["fm"])
+    ap.add_argument("--colour-refine", nargs="+", default=[],
+                    help="BINS:TAU[:RING] variants: prediction kept where the support colour ratio >= TAU")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", required=True)
     ap.add_argument("--merge", nargs="+", default=None)
@@ -271,8 +315,20 @@ def evaluate(a, cat, grid: dict, res: dict, wtag: str) -> None:
             secs["all"] += time.perf_counter() - t
             gt = (np.zeros((256, 256), bool) if ep.query_mask is None
                   else resize_mask(load_mask(root / ep.query_mask), (256, 256)))
-            for name, m in maps.items():
-                pred = (upsample_scores(m.float(), (256, 256)) > 0).numpy()
+            preds = {n: (upsample_scores(m.float(), (256, 256)) > 0).numpy() for n, m in maps.items()}
+            if a.colour_refine:
+                sz = (256, 256)
+                simg = [resize_image(to_tensor(load_image(root / sp)), sz)[0].permute(1, 2, 0).round().clamp(0, 255)
+                        .byte().numpy() for sp in ep.supports]
+                smsk = [resize_mask(load_mask(root / sm), sz) for sm in ep.support_masks]
+                qimg = resize_image(to_tensor(load_image(root / ep.query)), sz)[0].permute(1, 2, 0).round() \
+                    .clamp(0, 255).byte().numpy()
+                for spec in a.colour_refine:
+                    bins, tau, *ring = spec.split(":")
+                    ratio = colour_ratio(simg, smsk, qimg, int(bins), int(ring[0]) if ring else 8)
+                    for n in list(maps):
+                        preds[f"{n}+cr{spec}"] = preds[n] & (ratio >= float(tau))
+            for name, pred in preds.items():
                 tp, fp, fn, tn = episode_counts(gt, pred)
                 recs[name].append({"dataset": ep.dataset, "cls": ep.cls, "tp": tp, "fp": fp, "fn": fn, "tn": tn})
         for name, rs in recs.items():

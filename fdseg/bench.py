@@ -55,7 +55,8 @@ def _peak_rss_mb() -> float:
 
 
 def _run_key(cfg: BenchConfig, method: str, shots: int) -> dict:
-    seg = {k: v for k, v in sorted(_seg_kwargs(cfg, method).items())}
+    from .segmenter import COLOUR_TAU
+    seg = {k: v for k, v in sorted({"colour_refine": COLOUR_TAU, **_seg_kwargs(cfg, method)}.items())}
     key = {"method": method, "shots": shots, "seed": cfg.seed, "eval_size": cfg.eval_size, "segmenter": seg}
     defaults = _method_defaults(method)
     if defaults:      # a changed default (e.g. fm's head) must not resume an older run's results
@@ -154,7 +155,7 @@ def run_episode(seg: FewShotSegmenter, root: Path, ep: Episode, eval_size: int):
     margin, (h, w), rgb = seg._margins(root / ep.query)
     size = (eval_size, eval_size) if eval_size else (h, w)
     pred = (upsample_scores(margin, size) > seg.threshold).numpy()
-    if seg.refiner is not None:                 # the query decoded once, for the features and the proposer
+    if seg.refines:                             # the query decoded once, for the features and the refinement
         pred = seg.refine_mask(rgb if rgb is not None else root / ep.query, pred)
     t2 = time.perf_counter()
     if ep.query_mask is None:

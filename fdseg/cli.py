@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import FdsegError
+from .segmenter import COLOUR_TAU
 
 
 def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> None:
@@ -32,6 +33,10 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
                    help="flip (default): each support also flipped left-right and up-down (3x the bank); "
                         "dihedral: all 8 rotated/flipped views; none: the paper's bank")
     g.add_argument("--threshold", type=float, default=0.0, help="margin threshold (default 0 = argmax)")
+    g.add_argument("--colour-refine", type=float, default=COLOUR_TAU, metavar="TAU",
+                   help=f"support colour rule (default {COLOUR_TAU}): a predicted pixel stays defect only where its "
+                        "colour is at least TAU times as likely among the supports' defect pixels as in the "
+                        "background around them; 0 = off")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--batch-size", type=int, default=4, help="queries per backbone batch (default 4)")
@@ -72,7 +77,8 @@ def _method_options(items: list[str]) -> dict:
 def _segmenter_kwargs(a: argparse.Namespace) -> dict:
     kw = dict(backbone=a.backbone, weights=a.weights, input_size=a.size, resize=a.resize,
               tile_scale=a.tile_scale, feature_stride=a.feature_stride, local_avg=a.local_avg,
-              threshold=a.threshold, device=a.device, zoom=a.zoom if a.zoom == "auto" else int(a.zoom))
+              threshold=a.threshold, device=a.device, zoom=a.zoom if a.zoom == "auto" else int(a.zoom),
+              colour_refine=a.colour_refine)
     if a.method_option:
         kw["method_options"] = _method_options(a.method_option)
     kw["support_augment"] = a.support_augment

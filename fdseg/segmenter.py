@@ -25,6 +25,8 @@ from .feature_cache import FeatureCache, file_key
 from .features import FeatureConfig, FeatureExtractor
 from .methods import Query, Support, create_method
 
+COLOUR_TAU = 0.3          # default of the support colour rule (fdseg.refine.colour); 0 = off
+
 
 def _name(x: ImageLike, i: int, what: str) -> str:
     return str(x) if isinstance(x, (str, Path)) else f"{what} {i + 1}"
@@ -99,6 +101,10 @@ class FewShotSegmenter:
         region proposer (``fdseg.refine.list_proposers()``: superpixel, fastsam, sam2_auto) whose
         candidates refine each predicted mask with the paper's fusion rules
         (:mod:`fdseg.refine.fusion`); options go to the proposer and the fusion rules.
+    colour_refine:
+        ``tau`` of the support colour rule (:mod:`fdseg.refine.colour`): a predicted pixel
+        stays defect only where its colour is at least ``tau`` times as likely among the
+        supports' defect pixels as in the background around them (0 or None = off).
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", method: str = "fm", *,
@@ -109,7 +115,7 @@ class FewShotSegmenter:
                  method_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2,
                  support_augment: str = "flip", refine: str | None = None, refine_options: dict | None = None,
-                 zoom: str | int = "auto"):
+                 zoom: str | int = "auto", colour_refine: float | None = COLOUR_TAU):
         self.settings = dict(backbone=backbone, method=method, input_size=input_size, resize=resize,
                              tile_scale=tile_scale, tile_overlap=tile_overlap, antialias=antialias,
                              feature_stride=feature_stride, local_avg=local_avg, threshold=threshold,
@@ -149,6 +155,11 @@ class FewShotSegmenter:
             from .refine import Refiner
             self.refiner = Refiner(refine, refine_options, device=str(self.device))
             self.settings.update(refine=refine, refine_options=dict(refine_options or {}))
+        self.colour = None
+        if colour_refine:
+            from .refine.colour import ColourModel
+            self.colour = ColourModel(tau=float(colour_refine))
+        self.settings["colour_refine"] = float(colour_refine or 0)
 
     def _set_zoom(self, z: int) -> None:
         """Use preprocessing zoom ``z`` (1 or 2) from now on (fit decides it in ``zoom="auto"``)."""
@@ -197,6 +208,8 @@ class FewShotSegmenter:
         if self.support_augment != "none" and self.extractor is not None:
             supports += self._augmented(supports, images, [it[3] for it in loaded])
         self.method.fit(supports)
+        if self.colour is not None:
+            self.colour.fit([s.image for s in supports[:n]], [s.mask for s in supports[:n]])
         self.n_supports = n
         return self
 
@@ -221,7 +234,13 @@ class FewShotSegmenter:
 
     # -- loading + features (shared by fit and predict) ------------------------
     def _needs_image(self) -> bool:
-        return self.extractor is None or getattr(self.method, "needs_image", False) or self.refiner is not None
+        return (self.extractor is None or getattr(self.method, "needs_image", False) or self.refiner is not None
+                or self.colour is not None)
+
+    @property
+    def refines(self) -> bool:
+        """Whether predicted masks go through a refinement (a proposer or the colour rule)."""
+        return self.refiner is not None or self.colour is not None
 
     def _load(self, image: ImageLike, name: str):
         """-> [rgb or None, features or None, (H, W), cache key]; a cached file is not decoded."""
@@ -278,8 +297,8 @@ class FewShotSegmenter:
         mask_t = full > self.threshold
         score = torch.sigmoid((full - self.threshold) / self.method.temperature)
         mask = mask_t.cpu().numpy()
-        if self.refiner is not None:
-            mask = self.refiner(image, mask)
+        if self.refines:
+            mask = self.refine_mask(image, mask)
             # keep the score map consistent with the refined mask (0.5 = decision boundary)
             s = score.cpu().numpy()
             score = torch.from_numpy(np.where(mask, np.maximum(s, 0.5 + 1e-3), np.minimum(s, 0.5 - 1e-3)))
@@ -340,11 +359,16 @@ class FewShotSegmenter:
                     yield name, self._finish(margin, it[2], name, it[0])
 
     def refine_mask(self, image: ImageLike | np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """``mask`` refined with this segmenter's proposer (unchanged without one)."""
-        if self.refiner is None:
+        """``mask`` refined with this segmenter's proposer, then trimmed by the support colour
+        rule (unchanged without either)."""
+        if not self.refines:
             return mask
         rgb = image if isinstance(image, np.ndarray) else self.load(image)
-        return self.refiner(rgb, mask)
+        if self.refiner is not None:
+            mask = self.refiner(rgb, mask)
+        if self.colour is not None:
+            mask = self.colour(rgb, mask)
+        return mask
 
     def describe(self) -> dict:
         return {**self.settings, "device": str(self.device), "supports": self.n_supports,

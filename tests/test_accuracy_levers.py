@@ -116,8 +116,9 @@ def test_zoom_rule_for_small_defects_on_large_images():
 
     s_img, s_mask = planted(1000, 1500, (500, 700, 524, 730), seed=1)
     q_img, q_mask = planted(1000, 1500, (200, 300, 224, 330), seed=2)
-    zoomed = FewShotSegmenter().fit(s_img, s_mask)
-    plain = FewShotSegmenter(zoom=1).fit(s_img, s_mask)
+    # the colour rule off: a striped patch on grey is separated by colour alone at any grid
+    zoomed = FewShotSegmenter(colour_refine=0).fit(s_img, s_mask)
+    plain = FewShotSegmenter(zoom=1, colour_refine=0).fit(s_img, s_mask)
     assert zoomed.preprocess.zoom == 2 and plain.preprocess.zoom == 1
     pz, pp = zoomed.predict(q_img), plain.predict(q_img)
     assert pz.margin_grid.shape == (84, 128) and pp.margin_grid.shape == (44, 64)
@@ -128,3 +129,51 @@ def test_zoom_rule_for_small_defects_on_large_images():
     assert zoomed.fit(b_img, b_mask).preprocess.zoom == 1
     with pytest.raises(InputError, match="zoom"):
         FewShotSegmenter(zoom=3)
+
+
+def _crack(h: int, w: int, seed: int, x0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grey grain with a 3-px dark reddish crack running down from (0, x0) with a gentle drift."""
+    img = texture(h, w, seed, "noise")
+    m = np.zeros((h, w), bool)
+    for y in range(h):
+        x = x0 + int(12 * np.sin(y / 30 + seed))
+        m[y, x:x + 3] = True
+    img[m] = (45, 20, 20)
+    return img, m
+
+
+def test_colour_rule_trims_a_thin_crack_to_its_pixels():
+    """Known answer: a 3-px crack is a cell-wide blob to the matching; the supports say the defect's
+    pixels are dark red and its surroundings grey, so the colour rule keeps only the crack's pixels."""
+    s_img, s_mask = _crack(256, 256, 1, 90)
+    q_img, q_mask = _crack(256, 256, 2, 160)
+    plain = FewShotSegmenter(colour_refine=0).fit(s_img, s_mask).predict(q_img)
+    seg = FewShotSegmenter(colour_refine=0.3).fit(s_img, s_mask)
+    pred = seg.predict(q_img)
+    assert not (pred.mask & ~plain.mask).any()                       # it only removes pixels
+    assert plain.mask[q_mask].mean() > 0.8                           # the matching found the crack ...
+    assert iou(plain.mask, q_mask) < 0.5                             # ... as a blob several pixels wide
+    assert iou(pred.mask, q_mask) > 0.8 and iou(pred.mask, q_mask) > iou(plain.mask, q_mask) + 0.3
+    # the score map agrees with the trimmed mask
+    assert bool(((pred.score > 0.5) == pred.mask).all())
+
+
+def test_colour_model_keeps_unseen_colours_and_needs_defect_pixels():
+    from fdseg.refine.colour import ColourModel
+    img = np.full((64, 64, 3), 128, np.uint8)
+    img[20:30, 20:30] = (200, 30, 30)                   # red defect on grey
+    m = np.zeros((64, 64), bool)
+    m[20:30, 20:30] = True
+    cm = ColourModel(tau=0.3).fit([img], [m])
+    q = np.full((64, 64, 3), 128, np.uint8)
+    q[:, 32:] = (30, 30, 220)                           # a colour neither histogram has seen
+    q[5:10, 5:10] = (200, 30, 30)
+    everything = np.ones((64, 64), bool)
+    kept = cm(q, everything)
+    assert kept[5:10, 5:10].all() and kept[:, 32:].all() and not kept[40:, :30].any()
+    # a mask at another resolution: the image is resized to it
+    assert cm(q, np.ones((32, 32), bool))[:, 16:].all()
+    # no defect pixel in the supports: nothing is known, nothing is removed
+    assert ColourModel().fit([img], [np.zeros((64, 64), bool)])(q, everything).all()
+    with pytest.raises(InputError, match="colour_refine"):
+        ColourModel(tau=-1)

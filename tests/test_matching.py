@@ -93,11 +93,12 @@ def test_line_scan_strip_in_tile_mode():
     """A 4096 x 256 strip with a 40 px defect: squeezing to 256^2 loses it, tiling keeps it."""
     s_img, s_mask = planted(256, 1024, (100, 600, 150, 660), seed=3)
     q_img, q_mask = planted(256, 4096, (120, 3000, 160, 3040), seed=4)
-    tiled = FewShotSegmenter(resize="tile", input_size=256, feature_stride=8).fit(s_img, s_mask)
+    # the colour rule off: it would trim either blob to the striped patch, the grid is what is tested
+    tiled = FewShotSegmenter(resize="tile", input_size=256, feature_stride=8, colour_refine=0).fit(s_img, s_mask)
     p = tiled.predict(q_img)
     assert p.mask.shape == (256, 4096)
     assert iou(p.mask, q_mask) > 0.5
-    squeezed = FewShotSegmenter(resize="resize", feature_stride=8).fit(s_img, s_mask)
+    squeezed = FewShotSegmenter(resize="resize", feature_stride=8, colour_refine=0).fit(s_img, s_mask)
     assert iou(squeezed.predict(q_img).mask, q_mask) < iou(p.mask, q_mask)
 
 
