@@ -7,11 +7,12 @@ the paper's episodes with seed 2) are segmented by:
 
 * ``episode-loop``: the paper's reference loop: every query re-extracts its K supports
   (no cache, batch 1) and matches exactly in fp32, with the paper's bank (no support flips, no
-  linear head, no zoom; ``--resize auto`` preprocessing);
+  linear head, no zoom, no colour rule; ``--resize auto`` preprocessing);
 * ``fit-once-paper-bank``: fit once / stream, with that same paper bank: what the default's
-  accuracy levers (flips, head, zoom) cost is the ratio of ``fit-once`` to this;
+  accuracy levers (flips, head, zoom, colour rule) cost is the ratio of ``fit-once`` to this;
 * ``fit-once``: the supports of the class's first episode are fitted once, then the
   class's queries stream through ``predict_stream`` (decoding ahead, batched backbone);
+* ``fit-once-no-colour``: the default without the support colour rule (what the rule costs);
 * ``fit-once+coreset``: the same with the background bank cut to 25 % by greedy k-center;
 * ``fit-once+onnx``: the same with the backbone run by onnxruntime (if installed).
 
@@ -107,10 +108,11 @@ def run(args) -> dict:
         n = sum(len(g) for g in groups)
         res = {"shots": k, "queries": n}
 
-        paper_bank = {"support_augment": "none", "zoom": 1}
+        paper_bank = {"support_augment": "none", "zoom": 1, "colour_refine": 0}
         loop = FewShotSegmenter(cache_size=0, batch_size=1, loader_threads=1, device=args.device,
                                 method_options={"precision": "fp32", "head": 0.0}, **paper_bank)
         variants = {"fit-once": {}, "fit-once-paper-bank": {**paper_bank, "method_options": {"head": 0.0}},
+                    "fit-once-no-colour": {"colour_refine": 0},
                     "fit-once+coreset": {"method_options": {"bg_coreset": 0.25}}}
         if onnx_path:
             variants["fit-once+onnx"] = {"backbone": "onnx", "weights": onnx_path}
