@@ -324,8 +324,16 @@ def evaluate(a, cat, grid: dict, res: dict, wtag: str) -> None:
                 qimg = resize_image(to_tensor(load_image(root / ep.query)), sz)[0].permute(1, 2, 0).round() \
                     .clamp(0, 255).byte().numpy()
                 for spec in a.colour_refine:
-                    bins, tau, *ring = spec.split(":")
-                    ratio = colour_ratio(simg, smsk, qimg, int(bins), int(ring[0]) if ring else 8)
+                    bins, tau, *rest = spec.split(":")
+                    ring = int(rest[0]) if rest else 8
+                    ratio = colour_ratio(simg, smsk, qimg, int(bins), ring)
+                    if len(rest) > 1:     # gate: the rule is used only if it removes >= GATE of the supports' ring
+                        from scipy import ndimage
+                        rs = [colour_ratio(simg, smsk, im, int(bins), ring) for im in simg]
+                        rings = [ndimage.binary_dilation(m, iterations=ring) & ~m for m in smsk]
+                        removed = np.concatenate([r[g] < float(tau) for r, g in zip(rs, rings)])
+                        if removed.size and removed.mean() < float(rest[1]):
+                            ratio = np.full_like(ratio, np.inf)
                     for n in list(maps):
                         preds[f"{n}+cr{spec}"] = preds[n] & (ratio >= float(tau))
             for name, pred in preds.items():
