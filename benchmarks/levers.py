@@ -33,6 +33,7 @@ from fdseg.data.episodes import _rel
 from fdseg.data.images import load_image, load_mask
 from fdseg.data.preprocess import Preprocess, mask_coverage, resize_image, resize_mask, to_tensor, upsample_scores
 from fdseg.methods.similarity import max_similarity
+from fdseg.refine.colour import ColourModel
 from fdseg.metrics import episode_counts
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -187,20 +188,10 @@ def run_rules(names: list[str], sup: list[torch.Tensor], covs: list[torch.Tensor
 
 def colour_ratio(imgs: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, bins: int,
                  ring: int = 8) -> np.ndarray:
-    """Per query pixel: p(colour | support defect) / p(colour | support background near the defect),
-    from RGB histograms with ``bins`` levels per channel (add-one smoothing), all at 256 x 256."""
-    from scipy import ndimage
-
-    def idx(im: np.ndarray) -> np.ndarray:
-        q = (im.astype(np.int64) * bins) // 256
-        return (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
-    hf, hb = np.ones(bins ** 3), np.ones(bins ** 3)
-    for im, m in zip(imgs, masks):
-        i = idx(im)
-        hf += np.bincount(i[m], minlength=bins ** 3)
-        near = ndimage.binary_dilation(m, iterations=ring) & ~m if ring else ~m   # ring 0: all background
-        hb += np.bincount(i[near], minlength=bins ** 3)
-    return ((hf / hf.sum()) / (hb / hb.sum()))[idx(query)]
+    """Per query pixel: the support colour rule's p(colour | defect) / p(colour | ring) (``fdseg.refine.colour``;
+    inputs already at 256 x 256; no defect pixel in the supports -> inf, i.e. nothing removed)."""
+    r = ColourModel(bins=bins, ring=ring).fit(imgs, masks).ratio(query)
+    return np.full(query.shape[:2], np.inf) if r is None else r
 
 
 def bench_runs(dirs: list[str]) -> dict:

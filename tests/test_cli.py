@@ -99,6 +99,7 @@ def test_bench_writes_tables_and_resumes(tmp_path, defects_root, monkeypatch):
     assert "gallery/" in html and all((tmp_path / "b" / g["path"]).is_file() for g in res["runs"][0]["gallery"])
     # other settings may not silently reuse these results
     assert main(args + ["--threshold", "0.1"]) == 2
+    assert main(args + ["--colour-refine", "0"]) == 2         # the colour rule is part of the settings
 
 
 def test_datasets_command(tmp_path, defects_root, capsys):
