@@ -85,8 +85,10 @@ class ColourModel:
             raise InputError("colour_refine", "colour refinement needs the query image")
         if image.ndim != 3 or image.shape[2] < 3:
             raise InputError("colour_refine", f"expected an H x W x 3 image, got shape {image.shape}")
-        r = self.ratio(_resize_rgb(np.ascontiguousarray(image[..., :3]), mask.shape))
-        return mask & (r >= self.tau)
+        rgb = _resize_rgb(np.ascontiguousarray(image[..., :3]), mask.shape)
+        out = mask.copy()
+        out[mask] = self.table[self._index(rgb[mask])] >= self.tau     # only predicted pixels can change
+        return out
 
     def describe(self) -> dict:
         return {"tau": self.tau, "bins": self.bins, "ring": self.ring, "frame": self.frame}
