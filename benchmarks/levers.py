@@ -187,11 +187,48 @@ def run_rules(names: list[str], sup: list[torch.Tensor], covs: list[torch.Tensor
 
 
 def colour_ratio(imgs: list[np.ndarray], masks: list[np.ndarray], query: np.ndarray, bins: int,
-                 ring: int = 8) -> np.ndarray:
+                 ring: int = 8, **kw) -> np.ndarray:
     """Per query pixel: the support colour rule's p(colour | defect) / p(colour | ring) (``fdseg.refine.colour``;
     inputs already at 256 x 256; no defect pixel in the supports -> inf, i.e. nothing removed)."""
-    r = ColourModel(bins=bins, ring=ring).fit(imgs, masks).ratio(query)
+    r = ColourModel(bins=bins, ring=ring, **kw).fit(imgs, masks).ratio(query)
     return np.full(query.shape[:2], np.inf) if r is None else r
+
+
+def guarded(covs: list[torch.Tensor], g: int) -> list[torch.Tensor]:
+    """Coverage grids with the background cells within ``g`` cells of a defect cell set to NaN
+    (``cells`` then puts them in neither bank)."""
+    if not g:
+        return covs
+    out = []
+    for c in covs:
+        near = F.max_pool2d((c > 0).float()[None], 2 * g + 1, 1, g)[0] > 0
+        out.append(torch.where(near & (c == 0), torch.full_like(c, float("nan")), c))
+    return out
+
+
+def post_rule(m: torch.Tensor, spec: str) -> torch.Tensor:
+    """A per-query rule on a margin grid (> 0 = defect), see ``--post``."""
+    kind, val = spec.split(":")
+    v = float(val)
+    if kind == "force":          # the top cells are defect even when no cell passes 0
+        return m - min(0.0, float(m.max()) - v)
+    if kind == "shift":          # a looser (v > 0) or stricter threshold on the margin
+        return m + v
+    if kind == "grow":           # each cell takes the best margin within v cells: the region grows v cells
+        k = int(v)
+        return F.max_pool2d(m[None].float(), 2 * k + 1, 1, k)[0].to(m.dtype)
+    if kind == "comp":           # drop defect components much weaker than the strongest one
+        from scipy import ndimage
+        pos = (m > 0).numpy()
+        if not pos.any():
+            return m
+        lab, n = ndimage.label(pos)
+        peaks = ndimage.maximum(m.numpy(), lab, np.arange(1, n + 1))
+        weak = np.isin(lab, 1 + np.flatnonzero(np.asarray(peaks) < v * float(m.max())))
+        out = m.clone()
+        out[torch.from_numpy(weak)] = -1e-3
+        return out
+    raise SystemExit(f"unknown post rule {spec}")
 
 
 def bench_runs(dirs: list[str]) -> dict:
@@ -231,7 +268,16 @@ def main() -> None:
     ap.add_argument("--cache", default="levers-cache")
     ap.add_argument("--rules", nargs="+", default=["fm"])
     ap.add_argument("--colour-refine", nargs="+", default=[],
-                    help="BINS:TAU[:RING] variants: prediction kept where the support colour ratio >= TAU")
+                    help="BINS:TAU[:RING[:GATE]][:grey=MODE][:contrast=N][:window=W] variants of the support colour "
+                         "rule: prediction kept where the ratio >= TAU (grey=rgb: the rule before grey images "
+                         "got their own)")
+    ap.add_argument("--post", nargs="+", default=[],
+                    help="per-query rules on each margin grid: shift:C (margin + C), grow:K (best margin within K cells), force:D (threshold min(0, max - D)), "
+                         "comp:R (keep components whose peak >= R x the highest peak)")
+    ap.add_argument("--guard", type=int, nargs="+", default=[0],
+                    help="background cells within G cells of a support defect cell left out of the bank")
+    ap.add_argument("--full-cache", action="store_true",
+                    help="with --datasets: read the whole set's feature cache (it has every image)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", required=True)
     ap.add_argument("--merge", nargs="+", default=None)
@@ -259,7 +305,7 @@ def main() -> None:
     for bbn in a.backbone:
         key = f"{bbn}_t{''.join(map(str, a.taps))}_{a.resize}{a.size}_s{a.stride}_{''.join(a.views)}"
         key += f"_m{a.max_per_class}" if a.max_per_class else ""
-        key += f"_{'+'.join(sorted(a.datasets))}" if a.datasets else ""
+        key += f"_{'+'.join(sorted(a.datasets))}" if a.datasets and not a.full_cache else ""
         feats = extract(cat, bbn, tuple(a.taps), pre, a.stride, a.views, Path(a.cache) / f"{key}.pt")
         for k, v in feats.items():
             grid.setdefault(k, []).extend(v)
@@ -293,7 +339,10 @@ def evaluate(a, cat, grid: dict, res: dict, wtag: str) -> None:
             qf = grid[(str(ep.query), "id")]
             t = time.perf_counter()
             plain = [r for r in a.rules if not r.endswith("@tta")]
-            maps = run_rules(plain, sup, covs, sup_aug, covs_aug, qf) if plain else {}
+            maps = {}
+            for g in a.guard:      # guard band: background cells within g cells of a defect cell leave the bank
+                gm = run_rules(plain, sup, guarded(covs, g), sup_aug, guarded(covs_aug, g), qf) if plain else {}
+                maps.update({(f"g{g}/{n}" if g else n): m for n, m in gm.items()})
             tta = [r[:-4] for r in a.rules if r.endswith("@tta")]
             if tta:      # test-time flips of the query: margins of each view flipped back and averaged
                 acc = None
@@ -306,6 +355,8 @@ def evaluate(a, cat, grid: dict, res: dict, wtag: str) -> None:
             secs["all"] += time.perf_counter() - t
             gt = (np.zeros((256, 256), bool) if ep.query_mask is None
                   else resize_mask(load_mask(root / ep.query_mask), (256, 256)))
+            for spec in a.post:
+                maps.update({f"{n}@{spec}": post_rule(m, spec) for n, m in list(maps.items()) if "@" not in n})
             preds = {n: (upsample_scores(m.float(), (256, 256)) > 0).numpy() for n, m in maps.items()}
             if a.colour_refine:
                 sz = (256, 256)
@@ -316,11 +367,14 @@ def evaluate(a, cat, grid: dict, res: dict, wtag: str) -> None:
                     .clamp(0, 255).byte().numpy()
                 for spec in a.colour_refine:
                     bins, tau, *rest = spec.split(":")
+                    # grey=contrast|rgb|off, contrast=N, window=W: ColourModel's grey-image options
+                    kw = {k: (v if k == "grey" else int(v)) for k, v in (t.split("=") for t in rest if "=" in t)}
+                    rest = [t for t in rest if "=" not in t]
                     ring = int(rest[0]) if rest else 8
-                    ratio = colour_ratio(simg, smsk, qimg, int(bins), ring)
+                    ratio = colour_ratio(simg, smsk, qimg, int(bins), ring, **kw)
                     if len(rest) > 1:     # gate: the rule is used only if it removes >= GATE of the supports' ring
                         from scipy import ndimage
-                        rs = [colour_ratio(simg, smsk, im, int(bins), ring) for im in simg]
+                        rs = [colour_ratio(simg, smsk, im, int(bins), ring, **kw) for im in simg]
                         rings = [ndimage.binary_dilation(m, iterations=ring) & ~m for m in smsk]
                         removed = np.concatenate([r[g] < float(tau) for r, g in zip(rs, rings)])
                         if removed.size and removed.mean() < float(rest[1]):

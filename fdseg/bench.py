@@ -61,6 +61,9 @@ def _run_key(cfg: BenchConfig, method: str, shots: int) -> dict:
     defaults = _method_defaults(method)
     if defaults:      # a changed default (e.g. fm's head) must not resume an older run's results
         key["method_defaults"] = defaults
+    if seg.get("colour_refine"):   # likewise a changed colour rule (e.g. its grey-image mode)
+        from .refine.colour import ColourModel
+        key["colour_model"] = ColourModel(tau=float(seg["colour_refine"])).describe()
     return key
 
 

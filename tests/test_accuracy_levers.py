@@ -158,6 +158,45 @@ def test_colour_rule_trims_a_thin_crack_to_its_pixels():
     assert bool(((pred.score > 0.5) == pred.mask).all())
 
 
+def _grey_crack(x0: int, depth: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """A grey 256 x 256 image whose brightness ramps from 40 (left) to 220 (right), with a 3-px
+    vertical crack at column ``x0`` that is ``depth`` grey levels darker than the ramp there."""
+    ramp = np.linspace(40, 220, 256)[None, :].repeat(256, 0)
+    mask = np.zeros((256, 256), bool)
+    mask[40:216, x0:x0 + 3] = True
+    g = np.where(mask, ramp - depth, ramp).round().astype(np.uint8)
+    return np.repeat(g[..., None], 3, -1), mask
+
+
+def test_grey_images_get_a_local_contrast_rule():
+    """Known answer: on grey images the defect is darker than its surroundings, not a grey level of
+    its own. The support's crack lies where the ramp is bright, the query's where it is dark, so the
+    query's background around its crack has the support crack's grey level: a grey-level histogram
+    (the RGB rule) keeps that background and trims nothing; the local-contrast one keeps the crack."""
+    from fdseg.refine.colour import ColourModel
+    s_img, s_mask = _grey_crack(160)
+    q_img, q_mask = _grey_crack(40)
+    blob = np.zeros_like(q_mask)
+    blob[32:224, 32:52] = True                           # the matching's cell-wide blob around the crack
+    rgb = ColourModel(grey="rgb").fit([s_img], [s_mask])
+    local = ColourModel().fit([s_img], [s_mask])
+    assert rgb.mode == "rgb" and local.mode == "contrast"
+    assert iou(rgb(q_img, blob), q_mask) < 0.35
+    kept = local(q_img, blob)
+    assert not (kept & ~blob).any() and iou(kept, q_mask) > 0.8
+    # the same at another resolution (full-size predict): the window scales with the image
+    big = np.repeat(np.repeat(q_img, 2, 0), 2, 1)
+    big_kept = local(big, np.repeat(np.repeat(blob, 2, 0), 2, 1))
+    assert iou(big_kept, np.repeat(np.repeat(q_mask, 2, 0), 2, 1)) > 0.8
+    # colour supports keep the RGB rule; grey="off" leaves grey images alone
+    red = s_img.copy()
+    red[s_mask] = (200, 30, 30)
+    assert ColourModel().fit([red], [s_mask]).mode == "rgb"
+    assert ColourModel(grey="off").fit([s_img], [s_mask])(q_img, blob).sum() == blob.sum()
+    with pytest.raises(InputError, match="grey"):
+        ColourModel(grey="gray")
+
+
 def test_colour_model_keeps_unseen_colours_and_needs_defect_pixels():
     from fdseg.refine.colour import ColourModel
     img = np.full((64, 64, 3), 128, np.uint8)

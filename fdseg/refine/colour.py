@@ -11,6 +11,12 @@ two totals (background pixels / defect pixels, normally > 1): it is kept.
     model = ColourModel().fit(support_images, support_masks)
     refined = model(query_image, predicted_mask)
 
+Grey images (every support's channels equal, as from a grey camera) carry no colour: an RGB histogram
+of them is a coarse grey-level histogram, which costs more defect pixels than it trims. For them the
+histograms are of local contrast instead: a pixel's grey value minus the mean of a ``window``-px
+window around it (a quarter of the frame), in ``contrast`` levels over +-48 grey levels, so "darker
+than its surroundings" is what a crack or a hole is made of.
+
 Statistics are taken in a fixed frame (each support squeezed to ``frame`` x ``frame`` with the
 paper's mask resize, ``ring`` pixels there), so they do not depend on the images' resolution.
 """
@@ -30,15 +36,26 @@ def _resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resize_image(to_tensor(rgb), size).round().clamp(0, 255)[0].permute(1, 2, 0).byte().numpy()
 
 
+def is_grey(rgb: np.ndarray) -> bool:
+    """Whether an H x W x 3 image is grey: its channels differ by under one level on average."""
+    a = rgb[..., :3].astype(np.int16)
+    return bool(np.abs(a[..., 0] - a[..., 1]).mean() < 1 and np.abs(a[..., 1] - a[..., 2]).mean() < 1)
+
+
 @dataclass
 class ColourModel:
-    """RGB-histogram ratio of the supports' defect pixels to the background ring around them."""
+    """Histogram ratio of the supports' defect pixels to the background ring around them: of their
+    RGB colour, or, when every support is grey, of their local contrast."""
 
     tau: float = 0.3          # keep a predicted pixel when p_fg / p_bg >= tau (0 = keep all)
     bins: int = 8             # histogram levels per RGB channel (bins ** 3 colours)
     ring: int = 8             # background ring width, pixels of the frame (0 = all background)
     frame: int = 256          # supports are squeezed to frame x frame for their statistics
-    table: np.ndarray | None = field(default=None, repr=False)   # bins ** 3 ratios once fitted
+    grey: str = "contrast"    # grey supports: "contrast" (local contrast), "rgb" (as colour), "off"
+    contrast: int = 8         # grey supports: levels of local contrast (grey value - window mean, +-48)
+    window: int = 63          # local-contrast window, pixels of the frame (scaled to other sizes)
+    table: np.ndarray | None = field(default=None, repr=False)   # histogram ratios once fitted
+    mode: str = field(default="rgb", repr=False)      # what the fitted table indexes: "rgb" or "contrast"
 
     def __post_init__(self):
         if self.tau < 0:
@@ -47,8 +64,21 @@ class ColourModel:
             raise InputError("colour_refine", f"bins must be in 2..64, got {self.bins}")
         if self.ring < 0 or self.frame < 8:
             raise InputError("colour_refine", f"need ring >= 0 and frame >= 8, got {self.ring}, {self.frame}")
+        if self.grey not in ("contrast", "rgb", "off"):
+            raise InputError("colour_refine", f"grey must be contrast, rgb or off, got {self.grey!r}")
+        if not 2 <= self.contrast <= 64 or self.window < 3:
+            raise InputError("colour_refine", f"need contrast in 2..64 and window >= 3, got {self.contrast}, "
+                                              f"{self.window}")
 
     def _index(self, rgb: np.ndarray) -> np.ndarray:
+        """Histogram bin of each pixel of an H x W x 3 image (``rgb`` mode: also of a pixel list)."""
+        if self.mode == "contrast":
+            from scipy import ndimage
+            g = rgb[..., :3].astype(np.float32).mean(-1)
+            h, w = g.shape
+            size = tuple(max(3, round(self.window * n / self.frame)) | 1 for n in (h, w))
+            d = np.clip(g - ndimage.uniform_filter(g, size=size, mode="reflect"), -48, 47.99)
+            return ((d + 48) * self.contrast / 96).astype(np.int64)
         q = (rgb[..., :3].astype(np.int64) * self.bins) // 256
         return (q[..., 0] * self.bins + q[..., 1]) * self.bins + q[..., 2]
 
@@ -57,7 +87,13 @@ class ColourModel:
         from scipy import ndimage
 
         from ..data.preprocess import resize_mask
-        n = self.bins ** 3
+        self.mode = "rgb"
+        if self.grey != "rgb" and images and all(is_grey(im) for im in images):
+            if self.grey == "off":
+                self.table = None
+                return self
+            self.mode = "contrast"
+        n = self.contrast if self.mode == "contrast" else self.bins ** 3
         fg, bg = np.ones(n), np.ones(n)
         seen = 0
         for rgb, m in zip(images, masks):
@@ -87,8 +123,11 @@ class ColourModel:
             raise InputError("colour_refine", f"expected an H x W x 3 image, got shape {image.shape}")
         rgb = _resize_rgb(np.ascontiguousarray(image[..., :3]), mask.shape)
         out = mask.copy()
-        out[mask] = self.table[self._index(rgb[mask])] >= self.tau     # only predicted pixels can change
+        # rgb: only the predicted pixels are looked up; contrast needs their neighbourhoods
+        idx = self._index(rgb)[mask] if self.mode == "contrast" else self._index(rgb[mask])
+        out[mask] = self.table[idx] >= self.tau     # only predicted pixels can change
         return out
 
     def describe(self) -> dict:
-        return {"tau": self.tau, "bins": self.bins, "ring": self.ring, "frame": self.frame}
+        return {"tau": self.tau, "bins": self.bins, "ring": self.ring, "frame": self.frame, "grey": self.grey,
+                "contrast": self.contrast, "window": self.window}
