@@ -63,7 +63,7 @@ def _run_key(cfg: BenchConfig, method: str, shots: int) -> dict:
         key["method_defaults"] = defaults
     if seg.get("colour_refine"):   # likewise a changed colour rule (e.g. its grey-image mode)
         from .refine.colour import ColourModel
-        key["colour_model"] = ColourModel(tau=float(seg["colour_refine"])).describe()
+        key["colour_model"] = ColourModel(tau=float(seg["colour_refine"]), **seg.get("colour_options", {})).describe()
     return key
 
 
@@ -157,7 +157,7 @@ def run_episode(seg: FewShotSegmenter, root: Path, ep: Episode, eval_size: int):
     t1 = time.perf_counter()
     margin, (h, w), rgb = seg._margins(root / ep.query)
     size = (eval_size, eval_size) if eval_size else (h, w)
-    pred = (upsample_scores(margin, size) > seg.threshold).numpy()
+    pred = (upsample_scores(margin, size) > seg.decision_threshold).numpy()
     if seg.refines:                             # the query decoded once, for the features and the refinement
         pred = seg.refine_mask(rgb if rgb is not None else root / ep.query, pred)
     t2 = time.perf_counter()

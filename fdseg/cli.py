@@ -37,6 +37,9 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
                    help=f"support colour rule (default {COLOUR_TAU}): a predicted pixel stays defect only where its "
                         "colour is at least TAU times as likely among the supports' defect pixels as in the "
                         "background around them; 0 = off")
+    g.add_argument("--colour-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="colour rule setting, repeatable: slack=0.04 (matching threshold lowered with a single "
+                        "support while the rule is in effect), grey=contrast|rgb|off (grey images), contrast=8, window=63, bins=8, ring=8")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--batch-size", type=int, default=4, help="queries per backbone batch (default 4)")
@@ -63,12 +66,12 @@ def _option_value(text: str):
         return text
 
 
-def _method_options(items: list[str]) -> dict:
+def _method_options(items: list[str], flag: str = "--method-option") -> dict:
     from .errors import InputError
     out = {}
     for it in items:
         if "=" not in it:
-            raise InputError("--method-option", f"expected KEY=VALUE, got {it!r}")
+            raise InputError(flag, f"expected KEY=VALUE, got {it!r}")
         k, v = it.split("=", 1)
         out[k.strip()] = _option_value(v.strip())
     return out
@@ -79,6 +82,8 @@ def _segmenter_kwargs(a: argparse.Namespace) -> dict:
               tile_scale=a.tile_scale, feature_stride=a.feature_stride, local_avg=a.local_avg,
               threshold=a.threshold, device=a.device, zoom=a.zoom if a.zoom == "auto" else int(a.zoom),
               colour_refine=a.colour_refine)
+    if a.colour_option:
+        kw["colour_options"] = _method_options(a.colour_option, "--colour-option")
     if a.method_option:
         kw["method_options"] = _method_options(a.method_option)
     kw["support_augment"] = a.support_augment

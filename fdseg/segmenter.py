@@ -104,7 +104,12 @@ class FewShotSegmenter:
     colour_refine:
         ``tau`` of the support colour rule (:mod:`fdseg.refine.colour`): a predicted pixel
         stays defect only where its colour is at least ``tau`` times as likely among the
-        supports' defect pixels as in the background around them (0 or None = off).
+        supports' defect pixels as in the background around them (0 or None = off). While it
+        is in effect and a single support was fitted, the margin threshold is lowered by its
+        ``slack`` (0.04).
+    colour_options:
+        other :class:`fdseg.refine.colour.ColourModel` settings, e.g. ``{"slack": 0}`` or
+        ``{"grey": "rgb"}``.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", method: str = "fm", *,
@@ -115,7 +120,8 @@ class FewShotSegmenter:
                  method_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2,
                  support_augment: str = "flip", refine: str | None = None, refine_options: dict | None = None,
-                 zoom: str | int = "auto", colour_refine: float | None = COLOUR_TAU):
+                 zoom: str | int = "auto", colour_refine: float | None = COLOUR_TAU,
+                 colour_options: dict | None = None):
         self.settings = dict(backbone=backbone, method=method, input_size=input_size, resize=resize,
                              tile_scale=tile_scale, tile_overlap=tile_overlap, antialias=antialias,
                              feature_stride=feature_stride, local_avg=local_avg, threshold=threshold,
@@ -158,8 +164,14 @@ class FewShotSegmenter:
         self.colour = None
         if colour_refine:
             from .refine.colour import ColourModel
-            self.colour = ColourModel(tau=float(colour_refine))
+            known = {f.name for f in dataclasses.fields(ColourModel) if f.init and f.name not in ("tau", "table", "mode")}
+            bad = sorted(set(colour_options or {}) - known)
+            if bad:
+                raise InputError("colour_options", f"unknown {', '.join(bad)}; known: {', '.join(sorted(known))}")
+            self.colour = ColourModel(tau=float(colour_refine), **(colour_options or {}))
         self.settings["colour_refine"] = float(colour_refine or 0)
+        if colour_options:
+            self.settings["colour_options"] = dict(colour_options)
 
     def _set_zoom(self, z: int) -> None:
         """Use preprocessing zoom ``z`` (1 or 2) from now on (fit decides it in ``zoom="auto"``)."""
@@ -238,6 +250,15 @@ class FewShotSegmenter:
                 or self.colour is not None)
 
     @property
+    def decision_threshold(self) -> float:
+        """The margin above which a pixel is proposed as defect: ``threshold``, lowered by the colour
+        rule's slack when a single support was fitted and the rule is in effect (it trims what the
+        looser matching adds; with one support the matching misses most, with five it does not)."""
+        if self.colour is not None and self.colour.active and self.n_supports == 1:
+            return self.threshold - self.colour.slack
+        return self.threshold
+
+    @property
     def refines(self) -> bool:
         """Whether predicted masks go through a refinement (a proposer or the colour rule)."""
         return self.refiner is not None or self.colour is not None
@@ -294,8 +315,9 @@ class FewShotSegmenter:
     def _finish(self, margin: torch.Tensor, size: tuple[int, int], source: str,
                 image: np.ndarray | None = None) -> Prediction:
         full = upsample_scores(margin.float(), size)
-        mask_t = full > self.threshold
-        score = torch.sigmoid((full - self.threshold) / self.method.temperature)
+        t = self.decision_threshold
+        mask_t = full > t
+        score = torch.sigmoid((full - t) / self.method.temperature)
         mask = mask_t.cpu().numpy()
         if self.refines:
             mask = self.refine_mask(image, mask)

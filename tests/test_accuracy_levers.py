@@ -197,6 +197,30 @@ def test_grey_images_get_a_local_contrast_rule():
         ColourModel(grey="gray")
 
 
+def test_colour_rule_loosens_the_matching_only_for_a_single_support():
+    """The colour rule's slack: with one support (and the rule in effect) the margin threshold drops by
+    the slack, so the prediction can only grow before the rule trims it; not with two supports, not
+    without the rule, not with slack 0; unknown colour options are refused."""
+    s_img, s_mask = _crack(128, 128, 1, 40)
+    q_img, _ = _crack(128, 128, 2, 80)
+    one = FewShotSegmenter(threshold=0.01).fit(s_img, s_mask)
+    assert one.decision_threshold == pytest.approx(0.01 - 0.04)
+    two = FewShotSegmenter(threshold=0.01).fit([s_img, q_img], [s_mask, _crack(128, 128, 2, 80)[1]])
+    assert two.decision_threshold == pytest.approx(0.01)
+    assert FewShotSegmenter(colour_refine=0).fit(s_img, s_mask).decision_threshold == 0
+    strict = FewShotSegmenter(threshold=0.01, colour_options={"slack": 0}).fit(s_img, s_mask)
+    assert strict.decision_threshold == pytest.approx(0.01)
+    # the same margins: the slack can only add proposed pixels (the rule then trims both the same way)
+    loose, tight = one.predict(q_img), strict.predict(q_img)
+    np.testing.assert_allclose(loose.margin_grid, tight.margin_grid, atol=1e-5)
+    # grey supports with grey="off": the rule is not in effect, so neither is its slack
+    g_img, g_mask = _grey_crack(160)
+    assert FewShotSegmenter(colour_options={"grey": "off"}).fit(g_img, g_mask).decision_threshold == 0
+    assert FewShotSegmenter().fit(g_img, g_mask).decision_threshold == pytest.approx(-0.04)
+    with pytest.raises(InputError, match="colour_options"):
+        FewShotSegmenter(colour_options={"slak": 0})
+
+
 def test_colour_model_keeps_unseen_colours_and_needs_defect_pixels():
     from fdseg.refine.colour import ColourModel
     img = np.full((64, 64, 3), 128, np.uint8)

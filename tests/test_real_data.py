@@ -78,7 +78,7 @@ def test_zoom_and_colour_defaults_on_small_defects_of_large_images(defects_root)
     cat = scan(defects_root).subset(**ZOOM_SUBSET)
     eps = make_episodes(cat, 1, seed=2)
     assert len(eps) == 26
-    recs = {k: [] for k in ("default", "colour=0", "zoom=1,colour=0")}
+    recs = {k: [] for k in ("default", "slack=0", "colour=0", "zoom=1,colour=0")}
 
     def count(name, ep, gt, pred):
         tp, fp, fn, tn = episode_counts(gt, pred)
@@ -89,14 +89,17 @@ def test_zoom_and_colour_defaults_on_small_defects_of_large_images(defects_root)
     for ep in eps:
         gt, pred, _, _ = run_episode(plain, cat.root, ep, 256)
         count("zoom=1,colour=0", ep, gt, pred)
-        # the default's mask before and after the colour rule, from one set of margins
+        # the default's mask before and after the colour rule (and its slack), from one set of margins
         seg.fit([cat.root / p for p in ep.supports], [cat.root / p for p in ep.support_masks])
         assert seg.preprocess.zoom == 2, ep.id
+        assert seg.decision_threshold == seg.threshold - seg.colour.slack < seg.threshold
         margin, _ = seg.margins(cat.root / ep.query)
         before = (upsample_scores(margin, gt.shape) > seg.threshold).numpy()
-        after = seg.refine_mask(cat.root / ep.query, before)
-        assert not (after & ~before).any()                      # the colour rule only removes pixels
+        loose = (upsample_scores(margin, gt.shape) > seg.decision_threshold).numpy()
+        after = seg.refine_mask(cat.root / ep.query, loose)
+        assert not (after & ~loose).any()                       # the colour rule only removes pixels
         count("colour=0", ep, gt, before)
+        count("slack=0", ep, gt, seg.refine_mask(cat.root / ep.query, before))
         count("default", ep, gt, after)
     scores = {k: _score(v, cat)["class_mean_miou"] for k, v in recs.items()}
     assert scores["default"] >= ZOOM_FLOOR, scores

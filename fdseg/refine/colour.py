@@ -17,6 +17,12 @@ histograms are of local contrast instead: a pixel's grey value minus the mean of
 window around it (a quarter of the frame), in ``contrast`` levels over +-48 grey levels, so "darker
 than its surroundings" is what a crack or a hole is made of.
 
+The rule trims well, so the matching need not be strict: with a single support, while the rule is in
+effect, the segmenter lowers its margin threshold by ``slack`` (the matching proposes a little more,
+the rule trims it). One support covers a defect type poorly and the matching then misses more than it
+over-segments (recall below precision in most benchmark classes); with five supports that is no longer
+so and a looser threshold costs (measured: BENCHMARKS.md), so there is no slack from two supports on.
+
 Statistics are taken in a fixed frame (each support squeezed to ``frame`` x ``frame`` with the
 paper's mask resize, ``ring`` pixels there), so they do not depend on the images' resolution.
 """
@@ -54,6 +60,7 @@ class ColourModel:
     grey: str = "contrast"    # grey supports: "contrast" (local contrast), "rgb" (as colour), "off"
     contrast: int = 8         # grey supports: levels of local contrast (grey value - window mean, +-48)
     window: int = 63          # local-contrast window, pixels of the frame (scaled to other sizes)
+    slack: float = 0.04       # with one support and the rule in effect, the matching's threshold is lowered by this
     table: np.ndarray | None = field(default=None, repr=False)   # histogram ratios once fitted
     mode: str = field(default="rgb", repr=False)      # what the fitted table indexes: "rgb" or "contrast"
 
@@ -64,6 +71,8 @@ class ColourModel:
             raise InputError("colour_refine", f"bins must be in 2..64, got {self.bins}")
         if self.ring < 0 or self.frame < 8:
             raise InputError("colour_refine", f"need ring >= 0 and frame >= 8, got {self.ring}, {self.frame}")
+        if not 0 <= self.slack <= 1:
+            raise InputError("colour_refine", f"slack must be in 0..1, got {self.slack}")
         if self.grey not in ("contrast", "rgb", "off"):
             raise InputError("colour_refine", f"grey must be contrast, rgb or off, got {self.grey!r}")
         if not 2 <= self.contrast <= 64 or self.window < 3:
@@ -108,6 +117,11 @@ class ColourModel:
         self.table = (fg / fg.sum()) / (bg / bg.sum()) if seen else None
         return self
 
+    @property
+    def active(self) -> bool:
+        """Whether the fitted rule will trim masks (and so loosen the matching by ``slack``)."""
+        return self.table is not None and self.tau > 0
+
     def ratio(self, image: np.ndarray) -> np.ndarray | None:
         """p_fg / p_bg of each pixel's colour (None before fit or without defect pixels)."""
         return None if self.table is None else self.table[self._index(image)]
@@ -130,4 +144,4 @@ class ColourModel:
 
     def describe(self) -> dict:
         return {"tau": self.tau, "bins": self.bins, "ring": self.ring, "frame": self.frame, "grey": self.grey,
-                "contrast": self.contrast, "window": self.window}
+                "contrast": self.contrast, "window": self.window, "slack": self.slack}
