@@ -4,21 +4,19 @@ scores on the held-out one. Folders split by dataset are given comma-separated.
 
     python benchmarks/lodo_gain.py 1 A_DIR[,A_DIR...] B_DIR[,B_DIR...]
 """
-import json, sys
-from collections import defaultdict
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from fdseg.metrics import dataset_scores
+import sys
+from pathlib import Path
 
-def load(dirs, k):
-    recs = []
-    for d in dirs:
-        recs += [json.loads(l) for l in open(f'{d}/runs/fm_{k}shot.jsonl').read().splitlines()[1:] if l.strip()]
-    by = defaultdict(list)
-    for r in recs: by[r['dataset']].append(r)
-    return {ds: dataset_scores(ds, sorted({r['cls'] for r in rs}), rs).as_dict()['class_iou'] for ds, rs in by.items()}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from levers import bench_runs  # noqa: E402  (the same reader of `fdseg bench` records)
+
+
+def class_ious(dirs: str, k: str) -> dict:
+    return {ds: d["class_iou"] for ds, d in bench_runs(dirs.split(","))[k]["datasets"].items()}
+
 
 k = sys.argv[1]
-a, b = load(sys.argv[2].split(','), k), load(sys.argv[3].split(','), k)
+a, b = class_ious(sys.argv[2], k), class_ious(sys.argv[3], k)
 dss = sorted(a)
 cm = lambda sc, keep: 100 * sum(x for ds in keep for x in sc[ds].values()) / sum(len(sc[ds]) for ds in keep)
 print(k, 'all', round(cm(a, dss), 2), round(cm(b, dss), 2), {ds: (round(cm(a, [ds]), 1), round(cm(b, [ds]), 1)) for ds in dss})

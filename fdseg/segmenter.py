@@ -164,7 +164,7 @@ class FewShotSegmenter:
         self.colour = None
         if colour_refine:
             from .refine.colour import ColourModel
-            known = {f.name for f in dataclasses.fields(ColourModel) if f.init and f.name not in ("tau", "table", "mode")}
+            known = {f.name for f in dataclasses.fields(ColourModel) if f.init and f.name not in ("tau", "table")}
             bad = sorted(set(colour_options or {}) - known)
             if bad:
                 raise InputError("colour_options", f"unknown {', '.join(bad)}; known: {', '.join(sorted(known))}")

@@ -5,6 +5,7 @@ import pytest
 from fdseg import FewShotSegmenter
 from fdseg.bench import run_episode
 from fdseg.data import load_mask, make_episodes, scan
+from fdseg.data.images import load_image
 from fdseg.data.preprocess import resize_mask, upsample_scores
 from fdseg.metrics import benchmark_mean, dataset_scores, episode_counts
 
@@ -96,12 +97,13 @@ def test_zoom_and_colour_defaults_on_small_defects_of_large_images(defects_root)
         assert seg.preprocess.zoom == 2, ep.id
         assert seg.decision_threshold == seg.threshold - seg.colour.slack < seg.threshold
         margin, _ = seg.margins(cat.root / ep.query)
+        query = load_image(cat.root / ep.query)                 # decoded once for both trims
         before = (upsample_scores(margin, gt.shape) > seg.threshold).numpy()
         loose = (upsample_scores(margin, gt.shape) > seg.decision_threshold).numpy()
-        after = seg.refine_mask(cat.root / ep.query, loose)
+        after = seg.refine_mask(query, loose)
         assert not (after & ~loose).any()                       # the colour rule only removes pixels
         count("colour=0", ep, gt, before)
-        count("slack=0", ep, gt, seg.refine_mask(cat.root / ep.query, before))
+        count("slack=0", ep, gt, seg.refine_mask(query, before))
         count("default", ep, gt, after)
     scores = {k: _score(v, cat)["class_mean_miou"] for k, v in recs.items()}
     assert scores["default"] >= ZOOM_FLOOR, scores

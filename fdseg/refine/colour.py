@@ -62,7 +62,7 @@ class ColourModel:
     window: int = 63          # local-contrast window, pixels of the frame (scaled to other sizes)
     slack: float = 0.04       # with one support and the rule in effect, the matching's threshold is lowered by this
     table: np.ndarray | None = field(default=None, repr=False)   # histogram ratios once fitted
-    mode: str = field(default="rgb", repr=False)      # what the fitted table indexes: "rgb" or "contrast"
+    mode: str = field(default="rgb", init=False, repr=False)   # what the fitted table indexes: rgb / contrast
 
     def __post_init__(self):
         if self.tau < 0:
