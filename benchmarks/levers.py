@@ -356,7 +356,8 @@ def evaluate(a, cat, grid: dict, res: dict, wtag: str) -> None:
             gt = (np.zeros((256, 256), bool) if ep.query_mask is None
                   else resize_mask(load_mask(root / ep.query_mask), (256, 256)))
             for spec in a.post:
-                maps.update({f"{n}@{spec}": post_rule(m, spec) for n, m in list(maps.items()) if "@" not in n})
+                maps.update({f"{n}@{spec}": post_rule(m, spec) for n, m in list(maps.items())
+                             if "@" not in n.removesuffix("@tta")})
             preds = {n: (upsample_scores(m.float(), (256, 256)) > 0).numpy() for n, m in maps.items()}
             if a.colour_refine:
                 sz = (256, 256)

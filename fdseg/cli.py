@@ -29,9 +29,14 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
     g.add_argument("--tile-scale", type=float, default=1.0, help="image scale in tile mode (default 1 = native)")
     g.add_argument("--feature-stride", type=int, default=4, help="feature grid cell in input pixels (default 4)")
     g.add_argument("--local-avg", type=int, default=1, help="k x k local feature averaging (default 1 = off)")
-    g.add_argument("--support-augment", default="flip", choices=["none", "flip", "dihedral"],
-                   help="flip (default): each support also flipped left-right and up-down (3x the bank); "
-                        "dihedral: all 8 rotated/flipped views; none: the paper's bank")
+    g.add_argument("--support-augment", default="auto", choices=["auto", "none", "flip", "dihedral"],
+                   help="auto (default): dihedral for a single support, flip for more; flip: each support also "
+                        "flipped left-right and up-down (3x the bank); dihedral: all 8 rotated/flipped views; "
+                        "none: the paper's bank")
+    g.add_argument("--query-augment", default="auto", choices=["auto", "none", "flip"],
+                   help="auto (default): flip with a single support, none with more; flip: each query is also "
+                        "matched flipped left-right and up-down and the three margins averaged (3x the matching); "
+                        "none: the query as it is")
     g.add_argument("--threshold", type=float, default=0.0, help="margin threshold (default 0 = argmax)")
     g.add_argument("--colour-refine", type=float, default=COLOUR_TAU, metavar="TAU",
                    help=f"support colour rule (default {COLOUR_TAU}): a predicted pixel stays defect only where its "
@@ -87,6 +92,7 @@ def _segmenter_kwargs(a: argparse.Namespace) -> dict:
     if a.method_option:
         kw["method_options"] = _method_options(a.method_option)
     kw["support_augment"] = a.support_augment
+    kw["query_augment"] = a.query_augment
     if a.refine and a.refine != "none":
         ro = _method_options(a.refine_option)
         if a.refine == "fastsam" and a.fastsam_checkpoint:

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .backbones import create_backbone
 from .data.images import DEFAULT_MAX_PIXELS, ImageLike, check_support_mask, load_image, load_mask
@@ -90,8 +91,13 @@ class FewShotSegmenter:
         queries run through the backbone together in batches; images are decoded by a
         small thread pool ahead of the compute.
     support_augment:
-        ``"flip"`` (default): each support also seen flipped left-right and up-down (3x the
-        bank); ``"dihedral"``: all 8 views; ``"none"``: the paper's bank.
+        ``"auto"`` (default): ``"dihedral"`` for a single support, ``"flip"`` for more;
+        ``"flip"``: each support also seen flipped left-right and up-down (3x the bank);
+        ``"dihedral"``: all 8 rotated / flipped views; ``"none"``: the paper's bank.
+    query_augment:
+        ``"auto"`` (default): ``"flip"`` after fitting a single support, ``"none"`` after more;
+        ``"flip"``: each query is also matched flipped left-right and up-down and the three
+        margin grids (flipped back) averaged (3x the matching); ``"none"``: the query as it is.
     zoom:
         ``"auto"`` (default, with ``resize="auto"``): when the supports' defects are under 2
         grid cells across (median connected component) and the images have a long side of
@@ -119,9 +125,9 @@ class FewShotSegmenter:
                  weights: str | Path | None = None, backbone_options: dict | None = None,
                  method_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2,
-                 support_augment: str = "flip", refine: str | None = None, refine_options: dict | None = None,
+                 support_augment: str = "auto", refine: str | None = None, refine_options: dict | None = None,
                  zoom: str | int = "auto", colour_refine: float | None = COLOUR_TAU,
-                 colour_options: dict | None = None):
+                 colour_options: dict | None = None, query_augment: str = "auto"):
         self.settings = dict(backbone=backbone, method=method, input_size=input_size, resize=resize,
                              tile_scale=tile_scale, tile_overlap=tile_overlap, antialias=antialias,
                              feature_stride=feature_stride, local_avg=local_avg, threshold=threshold,
@@ -142,10 +148,14 @@ class FewShotSegmenter:
         if hasattr(self.method, "to"):
             self.method.to(self.device)
         self.n_supports = 0
-        if support_augment not in AUGMENTATIONS:
-            raise InputError("support_augment", f"choose from {', '.join(AUGMENTATIONS)}, got {support_augment!r}")
+        if support_augment not in (*AUGMENTATIONS, "auto"):
+            raise InputError("support_augment", f"choose from auto, {', '.join(AUGMENTATIONS)}, got {support_augment!r}")
         self.support_augment = support_augment
         self.settings["support_augment"] = support_augment
+        if query_augment not in (*QUERY_VIEWS, "auto"):
+            raise InputError("query_augment", f"choose from auto, {', '.join(QUERY_VIEWS)}, got {query_augment!r}")
+        self.query_augment = query_augment
+        self.settings["query_augment"] = query_augment
         if zoom not in ("auto", 1, 2, "1", "2"):
             raise InputError("zoom", f"choose auto, 1 or 2, got {zoom!r}")
         self.zoom = zoom if zoom == "auto" else int(zoom)
@@ -217,17 +227,34 @@ class FewShotSegmenter:
             cov = mask_coverage(mask, tuple(feats.shape[-2:])).to(feats.device) if feats is not None else None
             supports.append(Support(rgb, mask, feats, cov))
         n = len(supports)
-        if self.support_augment != "none" and self.extractor is not None:
-            supports += self._augmented(supports, images, [it[3] for it in loaded])
+        if self.support_views(n) != "none" and self.extractor is not None:
+            supports += self._augmented(supports, images, [it[3] for it in loaded], self.support_views(n))
         self.method.fit(supports)
         if self.colour is not None:
             self.colour.fit([s.image for s in supports[:n]], [s.mask for s in supports[:n]])
         self.n_supports = n
         return self
 
-    def _augmented(self, supports: list[Support], images, keys: list) -> list[Support]:
+    def support_views(self, n_supports: int) -> str:
+        """The support views in use for ``n_supports`` supports: ``support_augment``, where ``"auto"``
+        is ``"dihedral"`` for a single support (one defect's bank gets the orientations it lacks) and
+        ``"flip"`` for more (their defects already vary; 8 views would cost 8x the matching)."""
+        if self.support_augment == "auto":
+            return "dihedral" if n_supports == 1 else "flip"
+        return self.support_augment
+
+    @property
+    def query_views(self) -> str:
+        """The query views in use: ``query_augment``, where ``"auto"`` is ``"flip"`` after fitting a
+        single support (a one-support bank gives noisy best matches, which averaging the query's flipped
+        views steadies) and ``"none"`` otherwise."""
+        if self.query_augment == "auto":
+            return "flip" if self.n_supports == 1 else "none"
+        return self.query_augment
+
+    def _augmented(self, supports: list[Support], images, keys: list, views: str) -> list[Support]:
         """Flipped / rotated copies of the supports (their own backbone passes, cached per file and view)."""
-        ops = AUGMENTATIONS[self.support_augment]
+        ops = AUGMENTATIONS[views]
         out = []
         for i, s in enumerate(supports):
             vkeys = [None if keys[i] is None else (*keys[i], "view", j) for j in range(len(ops))]
@@ -247,7 +274,7 @@ class FewShotSegmenter:
     # -- loading + features (shared by fit and predict) ------------------------
     def _needs_image(self) -> bool:
         return (self.extractor is None or getattr(self.method, "needs_image", False) or self.refiner is not None
-                or self.colour is not None)
+                or self.colour is not None or self.query_views != "none")
 
     @property
     def decision_threshold(self) -> float:
@@ -310,7 +337,23 @@ class FewShotSegmenter:
         self._check_fitted()
         item = self._load(image, name or _name(image, 0, "query image"))
         self._ensure_features([item])
-        return self.method.score(Query(item[0], item[1])).float().cpu(), item[2], item[0]
+        return self._score(item).float().cpu(), item[2], item[0]
+
+    def _score(self, item: list) -> torch.Tensor:
+        """The method's margin grid for one loaded query; with ``query_augment`` the mean of the
+        margins of the query and its flipped views, each flipped back onto the query's grid."""
+        margin = self.method.score(Query(item[0], item[1]))
+        views = QUERY_VIEWS[self.query_views]
+        if not views or self.extractor is None:
+            return margin
+        imgs = [np.ascontiguousarray(op(item[0])) for op, _ in views]
+        total = margin.float()
+        for im, f, (_, dims) in zip(imgs, self.extractor.batch(imgs), views):
+            m = self.method.score(Query(im, f)).float()
+            if m.shape != margin.shape:      # a view whose grid rounds differently: back onto the query's grid
+                m = F.interpolate(m[None, None], size=tuple(margin.shape), mode="bilinear", align_corners=False)[0, 0]
+            total = total + torch.flip(m, dims)
+        return (total / (1 + len(views))).to(margin.dtype)
 
     def _finish(self, margin: torch.Tensor, size: tuple[int, int], source: str,
                 image: np.ndarray | None = None) -> Prediction:
@@ -377,7 +420,7 @@ class FewShotSegmenter:
                     if isinstance(it, BaseException):
                         yield name, it
                         continue
-                    margin = self.method.score(Query(it[0], it[1]))
+                    margin = self._score(it)
                     yield name, self._finish(margin, it[2], name, it[0])
 
     def refine_mask(self, image: ImageLike | np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -394,6 +437,8 @@ class FewShotSegmenter:
 
     def describe(self) -> dict:
         return {**self.settings, "device": str(self.device), "supports": self.n_supports,
+                **({"support_views": self.support_views(self.n_supports), "query_views": self.query_views}
+                   if self.n_supports else {}),
                 "zoom_in_use": self.preprocess.zoom,
                 **({"matching": self.method.describe()} if self.n_supports else {})}
 
@@ -435,6 +480,12 @@ def choose_zoom(masks: list[np.ndarray], pre: Preprocess, stride: int) -> int:
             sides.extend(np.sqrt(np.bincount(lab.ravel())[1:]) / px)
     return 2 if room and sides and float(np.median(sides)) < ZOOM_BELOW_CELLS else 1
 
+
+# test-time views of a query: (image op, grid dims that flip its margins back)
+QUERY_VIEWS = {
+    "none": [],
+    "flip": [(lambda a: a[:, ::-1], [-1]), (lambda a: a[::-1], [-2])],
+}
 
 AUGMENTATIONS = {
     "none": [],

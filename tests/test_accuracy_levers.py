@@ -22,6 +22,31 @@ def test_dihedral_support_augmentation_keeps_images_and_masks_aligned():
         FewShotSegmenter(support_augment="shear")
 
 
+def test_query_flips_average_margins_mapped_back_onto_the_query():
+    """Known answer: with ``query_augment="flip"`` the margins are the mean of the query's and its two
+    flips' margins, each flipped back; an off-centre defect on a non-square image stays where it is."""
+    s_img, s_mask = planted(200, 300, (20, 30, 90, 120), seed=1)
+    q_img, q_mask = planted(200, 300, (110, 200, 180, 280), seed=2)
+    plain = FewShotSegmenter(colour_refine=0, query_augment="none").fit(s_img, s_mask)
+    tta = FewShotSegmenter(colour_refine=0, query_augment="flip").fit(s_img, s_mask)
+    assert FewShotSegmenter(colour_refine=0).fit(s_img, s_mask).query_views == "flip"   # auto, one support
+    two = FewShotSegmenter(colour_refine=0).fit([s_img, q_img], [s_mask, q_mask])
+    assert (two.query_views, two.support_views(2)) == ("none", "flip")                # auto, two supports
+    m_id = plain.margins(q_img)[0]
+    m_h = plain.margins(np.ascontiguousarray(q_img[:, ::-1]))[0].flip(-1)
+    m_v = plain.margins(np.ascontiguousarray(q_img[::-1]))[0].flip(-2)
+    expected = (m_id + m_h + m_v) / 3
+    got = tta.margins(q_img)[0]
+    assert got.shape == m_id.shape
+    assert float((got - expected).abs().max()) < 1e-5
+    assert float((got - m_id).abs().max()) > 1e-3          # the views do differ
+    pred = tta.predict(q_img)
+    assert iou(pred.mask, q_mask) > 0.7 and pred.mask[~q_mask].mean() < 0.02
+    assert (pred.margin_grid == got.numpy()).all()          # predict and margins agree
+    with pytest.raises(InputError, match="query_augment"):
+        FewShotSegmenter(query_augment="rotate")
+
+
 def test_query_background_bank_handles_an_unseen_background():
     """The query's background is a texture the support never showed; its own cells tell it apart."""
     s_img, s_mask = planted(256, 256, (40, 40, 110, 110), seed=1)

@@ -11,13 +11,16 @@ from fdseg.metrics import benchmark_mean, dataset_scores, episode_counts
 
 # a fast subset: small images from three datasets (textures), 10 images per class
 SUBSET = dict(datasets=["sd_saliency_900", "magnetic_tile", "crackforest"], max_per_class=10)
-# regression floor for the default (resize="auto", support_augment="flip", fm head=1, colour rule
-# tau 0.3 with its grey mode and single-support slack): measured 0.412 on this subset (without the
+# regression floor for the default (resize="auto", support_augment="auto" and query_augment="auto":
+# one support's 8 dihedral views and the query's flips, fm head=1, colour rule tau 0.3 with its grey
+# mode and single-support slack): measured 0.420 on this subset (0.412 with flipped supports only and no
+# query flips; the dihedral views alone 0.406 -- this subset is the three datasets where they gain least,
+# see BENCHMARKS.md -- the query's flips alone 0.423); before those views: (without the
 # slack 0.416 -- crackforest pays for it here, see BENCHMARKS.md; the colour rule as first adopted,
 # RGB on grey images, no slack, 0.403; without the colour rule 0.393; without flips 0.361, without the
 # head 0.369, without both 0.345; the paper's resize="resize" 0.338); the floor leaves 1 point for
 # BLAS / platform differences
-FLOOR = 0.402
+FLOOR = 0.410
 
 
 def _score(records, cat):
@@ -49,7 +52,7 @@ def test_fm_beats_trivial_predictors(subset_results):
     assert len(eps) == 90
     assert miou["all_bg"] == 0.0
     best_trivial = max(miou["all_fg"], miou["copy_support"])
-    # measured: fm 0.412, all-foreground 0.09, copied support mask 0.06 on this subset
+    # measured: fm 0.420, all-foreground 0.09, copied support mask 0.06 on this subset
     assert miou["fm"] > best_trivial + 0.1, miou
     assert miou["fm"] >= FLOOR, miou
 
@@ -70,11 +73,13 @@ def test_same_seed_same_numbers(subset_results, defects_root):
 
 # small defects on large images (VisA macaroni, 1500 x 1000): the default zooms (4 x size input, twice
 # the grid) because the supports' defects are under 2 cells across, and the colour rule trims the
-# cell-wide blobs to the defects' pixels. Measured on these 26 episodes (class-mean mIoU): default
-# 0.713 (its slack: 0.716 without); without the colour rule 0.439; without it and at zoom 1 0.329. The floor leaves 1.5 points
-# for BLAS / platform differences (bf16 matmul on CPUs with AVX-512 BF16, fp32 elsewhere).
+# cell-wide blobs to the defects' pixels. Measured on these 26 episodes (class-mean mIoU), with the
+# single-support views (8 support views, query flips): default 0.697 (0.696 without its slack); without
+# the colour rule 0.420; without it and at zoom 1 0.326 (before those views: 0.713 / 0.716 / 0.439 /
+# 0.329; on the full benchmark these two classes gain 0.1 and 0.6 from them). The floor leaves 1.5
+# points for BLAS / platform differences (bf16 matmul on CPUs with AVX-512 BF16, fp32 elsewhere).
 ZOOM_SUBSET = dict(datasets=["visa"], classes=["macaroni1_different_colour_spot", "macaroni1_middle_breakage"])
-ZOOM_FLOOR = 0.70
+ZOOM_FLOOR = 0.68
 
 
 def test_zoom_and_colour_defaults_on_small_defects_of_large_images(defects_root):
