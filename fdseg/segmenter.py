@@ -239,8 +239,8 @@ class FewShotSegmenter:
         """The support views in use for ``n_supports`` supports: ``support_augment``, where ``"auto"``
         is ``"dihedral"`` for a single support (one defect's bank gets the orientations it lacks) and
         ``"flip"`` for more (their defects already vary; 8 views would cost 8x the matching)."""
-        if self.support_augment == "auto":
-            return "dihedral" if n_supports == 1 else "flip"
+        if self.support_augment == "auto":   # (a method that stacks support grids gets flips: rotations transpose them)
+            return "dihedral" if n_supports == 1 and not getattr(self.method, "stacks_supports", False) else "flip"
         return self.support_augment
 
     @property

@@ -107,6 +107,7 @@ def build_net(ck: dict, source: str | Path) -> MetaProtoNet:
                                  "needs checkpoint=PATH from `fdseg train-meta`", needs_checkpoint=True)
 class MetaLearned(Method):
     temperature = 1.0          # margins are logits
+    stacks_supports = True     # support grids are stacked: rotated views (transposed grids) do not fit
 
     def __init__(self, checkpoint: str | Path | None = None):
         if checkpoint is None:
