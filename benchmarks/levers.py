@@ -232,15 +232,19 @@ def post_rule(m: torch.Tensor, spec: str) -> torch.Tensor:
 
 
 def bench_runs(dirs: list[str]) -> dict:
-    """Episode records of `fdseg bench --out DIR` runs (runs/METHOD_Kshot.jsonl) -> summaries per shot count."""
+    """Episode records of `fdseg bench --out DIR` runs (runs/METHOD_Kshot.jsonl) -> summaries per shot count.
+    A later folder's record of an episode replaces an earlier one's (some episodes rerun with
+    `fdseg bench --episodes`, laid over a full run)."""
     from fdseg.metrics import dataset_scores
-    recs: dict[str, list] = defaultdict(list)
+    recs: dict[str, dict] = defaultdict(dict)
     for d in dirs:
         for f in sorted(Path(d, "runs").glob("*shot.jsonl")):
             k = f.stem.rsplit("_", 1)[1].removesuffix("shot")
-            recs[k] += [json.loads(ln) for ln in f.read_text().splitlines()[1:] if ln.strip()]
+            for r in (json.loads(ln) for ln in f.read_text().splitlines()[1:] if ln.strip()):
+                recs[k][r["id"]] = r
     out = {}
-    for k, rs in recs.items():
+    for k, by_id in recs.items():
+        rs = list(by_id.values())
         by = defaultdict(list)
         for r in rs:
             by[r["dataset"]].append(r)

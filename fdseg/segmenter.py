@@ -110,7 +110,8 @@ class FewShotSegmenter:
     colour_refine:
         ``tau`` of the support colour rule (:mod:`fdseg.refine.colour`): a predicted pixel
         stays defect only where its colour is at least ``tau`` times as likely among the
-        supports' defect pixels as in the background around them (0 or None = off). While it
+        supports' defect pixels as in the background around them (0 or None = off). It is used
+        only if it keeps at least ``min_kept`` (half) of the supports' own defect pixels. While it
         is in effect and a single support was fitted, the margin threshold is lowered by its
         ``slack`` (0.04).
     colour_options:

@@ -265,3 +265,33 @@ def test_colour_model_keeps_unseen_colours_and_needs_defect_pixels():
     assert ColourModel().fit([img], [np.zeros((64, 64), bool)])(q, everything).all()
     with pytest.raises(InputError, match="colour_refine"):
         ColourModel(tau=-1)
+
+
+def test_colour_rule_is_used_only_if_it_keeps_the_supports_own_defect():
+    """Known answer: the rule checks itself on its supports. A 3 x 3-px defect of its surroundings'
+    colour gives a defect histogram of 9 counts, which add-one smoothing puts far below the ring's: the
+    rule would remove every pixel of the very defect it was fitted on (kept 0), so it is not used, and
+    neither is its slack. The same defect in its own colour is kept whole, and so is the rule; so is a
+    large defect of the surroundings' colour (its histogram is no longer flat); ``min_kept=0`` turns the
+    check off; bad values are refused."""
+    from fdseg.refine.colour import ColourModel
+    brown = np.full((256, 256, 3), (120, 90, 60), np.uint8)     # the rule's own 256-px frame
+    tiny = np.zeros((256, 256), bool)
+    tiny[120:123, 120:123] = True
+    same = ColourModel().fit([brown], [tiny])
+    assert same.kept == 0 and not same.active and same.table is None
+    red = brown.copy()
+    red[tiny] = (200, 30, 30)
+    own = ColourModel().fit([red], [tiny])
+    assert own.kept == 1 and own.active
+    large = np.zeros((256, 256), bool)
+    large[32:224, 32:160] = True
+    assert ColourModel().fit([brown], [large]).active
+    assert ColourModel(min_kept=0).fit([brown], [tiny]).active
+    # in the segmenter: the rule is off for the invisible defect, so the single support gets no slack
+    # and the prediction is the plain matching's
+    seg = FewShotSegmenter().fit(brown, tiny)
+    assert seg.decision_threshold == 0 and not seg.colour.active
+    assert FewShotSegmenter().fit(red, tiny).decision_threshold == pytest.approx(-0.04)
+    with pytest.raises(InputError, match="min_kept"):
+        ColourModel(min_kept=1.5)

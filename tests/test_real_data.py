@@ -114,3 +114,21 @@ def test_zoom_and_colour_defaults_on_small_defects_of_large_images(defects_root)
     assert scores["default"] >= ZOOM_FLOOR, scores
     assert scores["colour=0"] > scores["zoom=1,colour=0"] + 0.05, scores      # the zoom's share
     assert scores["default"] > scores["colour=0"] + 0.15, scores              # the colour rule's share
+
+
+def test_colour_rule_checks_itself_on_real_supports(defects_root):
+    """The colour rule is used only if it keeps at least half of its supports' own defect pixels.
+    VisA's hairline cracks (a few pixels in the rule's 256-px frame) give a defect histogram too thin to
+    keep them: measured, the rule fitted on one image is off for 12 of the 14; on the same macaroni
+    with its different-colour spots it is on for all 16."""
+    from fdseg.refine.colour import ColourModel
+    cat = scan(defects_root).subset(datasets=["visa"], classes=["macaroni1_small_cracks",
+                                                                 "macaroni1_different_colour_spot"])
+    off = {}
+    for s in cat.samples():
+        model = ColourModel().fit([load_image(s.image)], [load_mask(s.mask) > 0])
+        assert model.active == (model.kept >= model.min_kept), s.image
+        off.setdefault(s.cls, []).append(not model.active)
+    assert len(off["macaroni1_small_cracks"]) == 14 and len(off["macaroni1_different_colour_spot"]) == 16
+    assert np.mean(off["macaroni1_small_cracks"]) >= 0.75, off
+    assert not any(off["macaroni1_different_colour_spot"]), off

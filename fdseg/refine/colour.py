@@ -23,6 +23,12 @@ the rule trims it). One support covers a defect type poorly and the matching the
 over-segments (recall below precision in most benchmark classes); with five supports that is no longer
 so and a looser threshold costs (measured: BENCHMARKS.md), so there is no slack from two supports on.
 
+The rule checks itself on the supports: it is used only if it keeps at least ``min_kept`` (half) of the
+supports' own defect pixels. A defect of a few pixels (a hairline crack on a large image) gives a
+histogram of a few counts, which add-one smoothing flattens below the ring's: such a rule would remove
+most of the very defect it was fitted on, so it does not describe the defect's colour and is not used
+(and with it goes the slack).
+
 Statistics are taken in a fixed frame (each support squeezed to ``frame`` x ``frame`` with the
 paper's mask resize, ``ring`` pixels there), so they do not depend on the images' resolution.
 """
@@ -61,8 +67,10 @@ class ColourModel:
     contrast: int = 8         # grey supports: levels of local contrast (grey value - window mean, +-48)
     window: int = 63          # local-contrast window, pixels of the frame (scaled to other sizes)
     slack: float = 0.04       # with one support and the rule in effect, the matching's threshold is lowered by this
+    min_kept: float = 0.5     # used only if it keeps at least this share of the supports' own defect pixels
     table: np.ndarray | None = field(default=None, repr=False)   # histogram ratios once fitted
     mode: str = field(default="rgb", init=False, repr=False)   # what the fitted table indexes: rgb / contrast
+    kept: float = field(default=0.0, init=False, repr=False)   # share of the supports' defect pixels it keeps
 
     def __post_init__(self):
         if self.tau < 0:
@@ -71,6 +79,8 @@ class ColourModel:
             raise InputError("colour_refine", f"bins must be in 2..64, got {self.bins}")
         if self.ring < 0 or self.frame < 8:
             raise InputError("colour_refine", f"need ring >= 0 and frame >= 8, got {self.ring}, {self.frame}")
+        if not 0 <= self.min_kept <= 1:
+            raise InputError("colour_refine", f"min_kept must be in 0..1, got {self.min_kept}")
         if not 0 <= self.slack <= 1:
             raise InputError("colour_refine", f"slack must be in 0..1, got {self.slack}")
         if self.grey not in ("contrast", "rgb", "off"):
@@ -104,7 +114,7 @@ class ColourModel:
             self.mode = "contrast"
         n = self.contrast if self.mode == "contrast" else self.bins ** 3
         fg, bg = np.ones(n), np.ones(n)
-        seen = 0
+        defect_bins = []
         for rgb, m in zip(images, masks):
             size = (self.frame, self.frame)
             idx = self._index(_resize_rgb(rgb, size))
@@ -112,9 +122,13 @@ class ColourModel:
             near = (ndimage.binary_dilation(m, iterations=self.ring) & ~m) if self.ring else ~m
             fg += np.bincount(idx[m], minlength=n)
             bg += np.bincount(idx[near], minlength=n)
-            seen += int(m.any())
+            defect_bins.append(idx[m])
+        defect_bins = np.concatenate(defect_bins)
         # no defect pixel survived the frame: nothing is known about the defect's colour, keep everything
-        self.table = (fg / fg.sum()) / (bg / bg.sum()) if seen else None
+        self.table = (fg / fg.sum()) / (bg / bg.sum()) if len(defect_bins) else None
+        self.kept = float((self.table[defect_bins] >= self.tau).mean()) if self.table is not None else 0.0
+        if self.table is not None and self.tau > 0 and self.kept < self.min_kept:
+            self.table = None      # it would remove most of the supports' own defect: not a model of it
         return self
 
     @property
@@ -144,4 +158,4 @@ class ColourModel:
 
     def describe(self) -> dict:
         return {"tau": self.tau, "bins": self.bins, "ring": self.ring, "frame": self.frame, "grey": self.grey,
-                "contrast": self.contrast, "window": self.window, "slack": self.slack}
+                "contrast": self.contrast, "window": self.window, "slack": self.slack, "min_kept": self.min_kept}
