@@ -19,7 +19,8 @@ SUBSET = dict(datasets=["sd_saliency_900", "magnetic_tile", "crackforest"], max_
 # slack 0.416 -- crackforest pays for it here, see BENCHMARKS.md; the colour rule as first adopted,
 # RGB on grey images, no slack, 0.403; without the colour rule 0.393; without flips 0.361, without the
 # head 0.369, without both 0.345; the paper's resize="resize" 0.338); the floor leaves 1 point for
-# BLAS / platform differences
+# BLAS / platform differences. The colour rule's self-check (min_kept) is off in none of these 90
+# episodes (their supports' defects keep >= 0.82 of their pixels), so the measurement stands.
 FLOOR = 0.410
 
 
@@ -78,6 +79,7 @@ def test_same_seed_same_numbers(subset_results, defects_root):
 # the colour rule 0.420; without it and at zoom 1 0.326 (before those views: 0.713 / 0.716 / 0.439 /
 # 0.329; on the full benchmark these two classes gain 0.1 and 0.6 from them). The floor leaves 1.5
 # points for BLAS / platform differences (bf16 matmul on CPUs with AVX-512 BF16, fp32 elsewhere).
+# The colour rule's self-check keeps the rule in all 26 episodes (>= 0.68 of the defect pixels kept).
 ZOOM_SUBSET = dict(datasets=["visa"], classes=["macaroni1_different_colour_spot", "macaroni1_middle_breakage"])
 ZOOM_FLOOR = 0.68
 
