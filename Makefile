@@ -32,6 +32,13 @@ demo: $(STAMP)
 	  --query demo/queries --out demo-out
 	@echo "open demo-out/report.html"
 
+# sdist + wheel into dist/, built with the dev venv's setuptools (--no-isolation: nothing downloaded);
+# install: pip install torch==2.13.0 && pip install dist/fdseg-*.whl (docs/install.md)
+.PHONY: wheel
+wheel: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+
 $(SAM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(SAM_VENV)
 	$(SAM_VENV)/bin/pip install -q $(SAM_TORCH)
