@@ -1,4 +1,4 @@
-"""The README's "your own backbone" example runs as written and segments with fdseg."""
+"""docs/backbones.md's "your own backbone" example runs as written and segments with fdseg."""
 import re
 
 import numpy as np
@@ -11,14 +11,14 @@ from conftest import REPO, planted
 
 
 def _readme_example() -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "backbones.md").read_text()
     section = text.split("Your own backbone", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_readme_backbone_example_registers_and_segments(tmp_path, capsys):
     ns: dict = {}
-    exec(compile(_readme_example(), "README.md", "exec"), ns)
+    exec(compile(_readme_example(), "docs/backbones.md", "exec"), ns)
     assert "tiny_net" in list_backbones()
     seg = ns["seg"]
     assert seg.extractor.backbone.strides == (8,) and seg.extractor.channels == 32
