@@ -5,7 +5,7 @@
   names a real sub-command and real flags of it;
 * `make demo`'s command (read from the Makefile) runs and segments the shipped demo set;
 * the README's Python example runs as written (from the repository root) on the demo images;
-* every relative link (and #anchor) in README.md and docs/*.md points to a file (and heading).
+* every relative link (and #anchor) in README.md, BENCHMARKS.md and docs/*.md points to a file (and heading).
 
 `make test` itself is what CI runs (.ci/run).
 """
@@ -191,7 +191,7 @@ def _anchors(path) -> set[str]:
     return {_slug(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}
 
 
-@pytest.mark.parametrize("path", [REPO / "README.md"] + DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [REPO / "README.md", REPO / "BENCHMARKS.md"] + DOCS, ids=lambda p: p.name)
 def test_links_resolve(path):
     text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
     bad = []
