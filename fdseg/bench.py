@@ -23,7 +23,7 @@ from .atomic import write_jpeg, write_text
 from .data.episodes import Episode, load_episodes, make_episodes, save_episodes
 from .data.images import load_image, load_mask
 from .data.layouts import Catalog, scan
-from .data.preprocess import resize_mask, upsample_scores
+from .data.preprocess import resize_mask
 from .errors import FdsegError, InputError
 from .metrics import benchmark_mean, dataset_scores, episode_counts
 from .report.html import card, esc, table, write_page
@@ -54,28 +54,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _run_key(cfg: BenchConfig, method: str, shots: int) -> dict:
-    from .segmenter import COLOUR_TAU
-    seg = {k: v for k, v in sorted({"colour_refine": COLOUR_TAU, **_seg_kwargs(cfg, method)}.items())}
-    key = {"method": method, "shots": shots, "seed": cfg.seed, "eval_size": cfg.eval_size, "segmenter": seg}
-    defaults = _method_defaults(method)
-    if defaults:      # a changed default (e.g. fm's head) must not resume an older run's results
-        key["method_defaults"] = defaults
-    if seg.get("colour_refine"):   # likewise a changed colour rule (e.g. its grey-image mode)
-        from .refine.colour import ColourModel
-        key["colour_model"] = ColourModel(tau=float(seg["colour_refine"]), **seg.get("colour_options", {})).describe()
-    return key
-
-
-def _method_defaults(method: str) -> dict:
-    import inspect
-    from .methods.registry import method_entry
-    try:
-        sig = inspect.signature(method_entry(method).factory.__init__)
-    except Exception:  # an unknown method fails later with its own message
-        return {}
-    return {n: p.default for n, p in sig.parameters.items()
-            if p.default is not inspect.Parameter.empty and isinstance(p.default, (int, float, str, bool, type(None)))}
+def _run_key(cfg: BenchConfig, seg: FewShotSegmenter, method: str, shots: int) -> dict:
+    """What a run's results depend on: the protocol and the segmenter's resolved settings and rule
+    constants (a preset resolved to its values, ``"auto"`` rules with their thresholds, the method's
+    defaults, the colour model), so a changed rule never resumes an older run's results. Each episode
+    record stores the plan its fit resolved to."""
+    return {"method": method, "shots": shots, "seed": cfg.seed, "eval_size": cfg.eval_size,
+            "segmenter": seg.model.rules()}
 
 
 def _seg_kwargs(cfg: BenchConfig, method: str) -> dict:
@@ -151,22 +136,20 @@ def _gallery_panel(root: Path, ep: Episode, gt: np.ndarray, pred: np.ndarray, si
 
 
 def run_episode(seg: FewShotSegmenter, root: Path, ep: Episode, eval_size: int):
-    """Fit on the episode's supports, predict its query; returns (gt, pred, fit_s, predict_s)."""
+    """Fit on the episode's supports, predict its query (the segmenter's own finish path, at
+    ``eval_size`` squared or native); returns (gt, pred, fit_s, predict_s)."""
     t0 = time.perf_counter()
     seg.fit([root / p for p in ep.supports], [root / p for p in ep.support_masks])
     t1 = time.perf_counter()
-    margin, (h, w), rgb = seg._margins(root / ep.query)
-    size = (eval_size, eval_size) if eval_size else (h, w)
-    pred = (upsample_scores(margin, size) > seg.decision_threshold).numpy()
-    if seg.refines:                             # the query decoded once, for the features and the refinement
-        pred = seg.refine_mask(rgb if rgb is not None else root / ep.query, pred)
+    res = seg.predict(root / ep.query, size=(eval_size, eval_size) if eval_size else None)
     t2 = time.perf_counter()
+    size, (h, w) = res.mask.shape, res.query_size
     if ep.query_mask is None:
         gt = np.zeros(size, dtype=bool)
     else:
         gt_full = load_mask(root / ep.query_mask, size=(h, w))
         gt = resize_mask(gt_full, size) if eval_size else gt_full
-    return gt, pred, t1 - t0, t2 - t1
+    return gt, res.mask, t1 - t0, t2 - t1
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -200,7 +183,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _bench_one(cfg, seg, method, k, episodes, root, classes, out) -> dict:
-    log = RunLog(out / "runs" / f"{method}_{k}shot.jsonl", _run_key(cfg, method, k))
+    log = RunLog(out / "runs" / f"{method}_{k}shot.jsonl", _run_key(cfg, seg, method, k))
     gallery = _gallery_ids(episodes, cfg.gallery)
     todo = [e for e in episodes if e.id not in log.done]
     it = todo
@@ -217,7 +200,8 @@ def _bench_one(cfg, seg, method, k, episodes, root, classes, out) -> dict:
                 continue
             tp, fp, fn, tn = episode_counts(gt, pred)
             rec = {"id": ep.id, "dataset": ep.dataset, "cls": ep.cls, "defect_free": ep.defect_free,
-                   "tp": tp, "fp": fp, "fn": fn, "tn": tn, "fit_ms": fit_s * 1e3, "predict_ms": pred_s * 1e3}
+                   "tp": tp, "fp": fp, "fn": fn, "tn": tn, "fit_ms": fit_s * 1e3, "predict_ms": pred_s * 1e3,
+                   "plan": seg.plan.summary()}
             if ep.id in gallery:
                 rel = f"gallery/{method}_{k}shot_{ep.dataset}_{ep.cls}_{Path(ep.query).stem}.jpg"
                 write_jpeg(out / rel, _gallery_panel(root, ep, gt, pred, gt.shape))
