@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import FdsegError
+from .presets import PRESETS
 from .segmenter import COLOUR_TAU
 
 
@@ -18,28 +19,31 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
         g.add_argument("--method", default="fm", help="matching method (default: fm; see `fdseg list`)")
     g.add_argument("--backbone", default="efficientnet_lite0", help="feature backbone (default: efficientnet_lite0)")
     g.add_argument("--weights", default=None, help="backbone weights file (default: the backbone's own)")
+    g.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="named settings (default accurate): accurate = every accuracy rule; fast = one view of each "
+                        "image, no zoom; paper = the paper's rule. The flags marked (preset) override it")
     g.add_argument("--size", type=int, default=256, help="network input size / tile size (default: 256)")
-    g.add_argument("--resize", default="auto", choices=["resize", "aspect", "tile", "auto"],
-                   help="auto (default): images with a long side >= 2 x size are seen aspect-kept at 2 x size with a "
+    g.add_argument("--resize", default=None, choices=["resize", "aspect", "tile", "auto"],
+                   help="(preset) auto (default): images with a long side >= 2 x size are seen aspect-kept at 2 x size with a "
                         "2 x coarser cell, others as resize; resize: squeeze to size x size (the paper); aspect: keep aspect, long side = size; "
                         "tile: native resolution x --tile-scale in size x size tiles")
-    g.add_argument("--zoom", default="auto", choices=["auto", "1", "2"],
-                   help="auto (default): with --resize auto, images with a long side >= 4 x size are seen at 4 x size "
+    g.add_argument("--zoom", default=None, choices=["auto", "1", "2"],
+                   help="(preset) auto (default): with --resize auto, images with a long side >= 4 x size are seen at 4 x size "
                         "(twice the grid) when the supports' defects are under 2 grid cells across; 1: never; 2: always")
     g.add_argument("--tile-scale", type=float, default=1.0, help="image scale in tile mode (default 1 = native)")
     g.add_argument("--feature-stride", type=int, default=4, help="feature grid cell in input pixels (default 4)")
     g.add_argument("--local-avg", type=int, default=1, help="k x k local feature averaging (default 1 = off)")
-    g.add_argument("--support-augment", default="auto", choices=["auto", "none", "flip", "dihedral"],
-                   help="auto (default): dihedral for a single support, flip for more; flip: each support also "
+    g.add_argument("--support-augment", default=None, choices=["auto", "none", "flip", "dihedral"],
+                   help="(preset) auto (default): dihedral for a single support, flip for more; flip: each support also "
                         "flipped left-right and up-down (3x the bank); dihedral: all 8 rotated/flipped views; "
                         "none: the paper's bank")
-    g.add_argument("--query-augment", default="auto", choices=["auto", "none", "flip"],
-                   help="auto (default): flip with a single support, none with more; flip: each query is also "
+    g.add_argument("--query-augment", default=None, choices=["auto", "none", "flip"],
+                   help="(preset) auto (default): flip with a single support, none with more; flip: each query is also "
                         "matched flipped left-right and up-down and the three margins averaged (3x the matching); "
                         "none: the query as it is")
-    g.add_argument("--threshold", type=float, default=0.0, help="margin threshold (default 0 = argmax)")
-    g.add_argument("--colour-refine", type=float, default=COLOUR_TAU, metavar="TAU",
-                   help=f"support colour rule (default {COLOUR_TAU}): a predicted pixel stays defect only where its "
+    g.add_argument("--threshold", type=float, default=None, help="(preset) margin threshold (default 0 = argmax)")
+    g.add_argument("--colour-refine", type=float, default=None, metavar="TAU",
+                   help=f"(preset) support colour rule (default {COLOUR_TAU}): a predicted pixel stays defect only where its "
                         "colour is at least TAU times as likely among the supports' defect pixels as in the "
                         "background around them; 0 = off")
     g.add_argument("--colour-option", action="append", default=[], metavar="KEY=VALUE",
@@ -85,16 +89,19 @@ def _method_options(items: list[str], flag: str = "--method-option") -> dict:
 
 
 def _segmenter_kwargs(a: argparse.Namespace) -> dict:
-    kw = dict(backbone=a.backbone, weights=a.weights, input_size=a.size, resize=a.resize,
-              tile_scale=a.tile_scale, feature_stride=a.feature_stride, local_avg=a.local_avg,
-              threshold=a.threshold, device=a.device, zoom=a.zoom if a.zoom == "auto" else int(a.zoom),
-              colour_refine=a.colour_refine)
+    kw = dict(backbone=a.backbone, weights=a.weights, input_size=a.size, tile_scale=a.tile_scale,
+              feature_stride=a.feature_stride, local_avg=a.local_avg, device=a.device)
+    # the preset's settings, with the flags given on top (only those given: the rest is the preset's)
+    given = dict(resize=a.resize, threshold=a.threshold, colour_refine=a.colour_refine,
+                 zoom=a.zoom if a.zoom in (None, "auto") else int(a.zoom),
+                 support_augment=a.support_augment, query_augment=a.query_augment)
+    if a.preset:
+        kw["preset"] = a.preset
+    kw.update({k: v for k, v in given.items() if v is not None})
     if a.colour_option:
         kw["colour_options"] = _method_options(a.colour_option, "--colour-option")
     if a.method_option:
         kw["method_options"] = _method_options(a.method_option)
-    kw["support_augment"] = a.support_augment
-    kw["query_augment"] = a.query_augment
     if a.refine and a.refine != "none":
         ro = _method_options(a.refine_option)
         if a.refine == "fastsam" and a.fastsam_checkpoint:
@@ -125,6 +132,15 @@ def _threads(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
 
 
+def _explain(a: argparse.Namespace, seg) -> None:
+    """--explain: what the fit resolved, step by step, with the reasons (stderr keeps stdout for results)."""
+    if getattr(a, "explain", False):
+        print(f"plan ({seg.settings['preset']} preset, {seg.n_supports} support{'s' * (seg.n_supports > 1)}):",
+              file=sys.stderr)
+        for line in str(seg.plan).splitlines():
+            print(f"  {line}", file=sys.stderr)
+
+
 def cmd_segment(a: argparse.Namespace) -> int:
     from .segment_folder import collect_queries, segment_folder
     from .segmenter import FewShotSegmenter
@@ -136,6 +152,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
         seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size,
                                **_with_sam2(_segmenter_kwargs(a), a.method, a))
         seg.fit([s[0] for s in supports], [s[1] for s in supports])
+        _explain(a, seg)
         queries = collect_queries(a.query)
         res = segment_folder(seg, queries, a.out, progress=not a.no_progress, resume=a.resume, supports=supports)
     n_def = sum(1 for r in res.rows if r["status"] == "ok" and r["defect_fraction"] > 0)
@@ -168,6 +185,7 @@ def _segment_ray(a: argparse.Namespace, supports: list[tuple[Path, Path]]):
     # fitted on the driver's CPU and shipped; the actors move it to their own device
     seg = FewShotSegmenter(method=a.method, **{**_segmenter_kwargs(a), "device": "cpu"})
     seg.fit([s[0] for s in supports], [s[1] for s in supports])
+    _explain(a, seg)
     return segment_ray(seg, list_queries(a.query), a.out, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
                        gpus_per_actor=gpus, batch_size=a.ray_batch_size, resume=a.resume,
                        progress=not a.no_progress, supports=supports, address=a.ray_address)
@@ -298,7 +316,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                       max_sessions=a.max_sessions, workers=a.workers, max_queue=a.max_queue, device=a.device,
                       weights=weights, sessions_dir=None if a.sessions_dir == "" else Path(a.sessions_dir),
                       defaults=Settings(method=a.method, backbone=a.backbone, threshold=a.threshold, size=a.size,
-                                        resize=a.resize))
+                                        resize=a.resize, preset=a.preset))
     loopback = a.host in ("127.0.0.1", "localhost", "::1")
     if not loopback:
         print(f"fdseg serve: listening on {a.host}: anyone who can reach this machine can use the app "
@@ -322,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--query", nargs="+", required=True, help="query image files, folders or globs")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--resume", action="store_true", help="skip queries already finished in OUT")
+    s.add_argument("--explain", action="store_true",
+                   help="print the fitted plan: what each step decided on the supports, and why")
     s.add_argument("--no-progress", action="store_true")
     _add_model_args(s)
     _add_ray_args(s)
@@ -404,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--weights", action="append", metavar="BACKBONE=PATH",
                    help="weights file for a backbone that needs one (repeatable)")
     v.add_argument("--size", type=int, default=256, help="default network input size")
-    v.add_argument("--resize", default="auto", choices=["resize", "aspect", "tile", "auto"])
+    v.add_argument("--resize", default="", choices=["resize", "aspect", "tile", "auto", ""],
+                   help="default resize mode shown in the app ('' = the preset's)")
+    v.add_argument("--preset", default="accurate", choices=list(PRESETS), help="default preset shown in the app")
     v.add_argument("--threshold", type=float, default=0.0)
     v.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     v.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

@@ -171,7 +171,12 @@ def _write_summary(out: Path, rows: list[dict]) -> None:
 
 def _write_report(out: Path, rows: list[dict], seg: FewShotSegmenter, supports: list[tuple[Path, Path]]) -> Path:
     from .data.images import load_image, load_mask
-    secs = [f"<p class='muted'>settings: {esc(json.dumps(seg.describe()))}</p>"]
+    d = seg.describe()
+    secs = [f"<p class='muted'>settings: {esc(json.dumps({k: v for k, v in d.items() if k not in ('plan', 'explain')}))}</p>"]
+    if seg.n_supports:
+        secs.append("<h2>Plan</h2><p class='muted'>what the fit decided on the supports, and why</p><ul>" +
+                    "".join(f"<li><b>{esc(x.step)}</b> = {esc(str(x.value))}: {esc(x.reason)}</li>"
+                            for x in seg.plan.decisions) + "</ul>")
     if supports:
         cards = []
         for i, (im, m) in enumerate(supports):
