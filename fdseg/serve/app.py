@@ -93,7 +93,8 @@ _SETTINGS_DOC = {
     "refine": ("string", "refinement (region proposer) or 'none'"),
     "threshold": ("number", "margin threshold, 0 = argmax"),
     "size": ("integer", "network input size, default 256"),
-    "resize": ("string", "resize | aspect | tile"),
+    "resize": ("string", "resize | aspect | tile | auto; empty = the preset's"),
+    "preset": ("string", "accurate (default) | fast | paper: named settings (GET /v1/options lists them)"),
 }
 _OUTPUT_DOC = {
     "mask_format": ("string", "png (base64 PNG, 0/255) | rle (COCO uncompressed, column-major) | none"),

@@ -4,8 +4,8 @@
   is validated against what is registered right now, so methods, backbones and
   refinements that other packages register appear without a change here.
 * Per setting one *template* :class:`fdseg.FewShotSegmenter` is built and kept (a few at
-  most); a session is a deep copy of it that shares the template's networks (backbone,
-  any ``torch.nn.Module``) but has its own fitted state.
+  most); a session is ``template.spawn()``: the template's model (networks, read-only) with
+  its own fitted state.
 * Every fit / predict runs in a worker thread that holds one of ``workers`` slots
   (default 1: CPU inference already uses all cores); at most ``max_queue`` more wait,
   further requests get 503 instead of piling up.
@@ -60,22 +60,10 @@ def _segmenter_cls():
     return fdseg.FewShotSegmenter
 
 
-def _refine_lister() -> Callable[[], list[str]] | None:
-    """The refinement registry's lister, if this fdseg has one and the segmenter takes ``refine``."""
-    if "refine" not in inspect.signature(_segmenter_cls().__init__).parameters:
-        return None
-    import importlib
-
-    import fdseg
-    for mod in (fdseg, "fdseg.proposers", "fdseg.refine"):
-        try:
-            m = importlib.import_module(mod) if isinstance(mod, str) else mod
-        except ImportError:
-            continue
-        for attr in ("list_proposers", "list_refiners"):
-            if callable(getattr(m, attr, None)):
-                return getattr(m, attr)
-    return None
+def _refine_lister() -> Callable[[], list[str]]:
+    """The refinement (proposer) registry's lister."""
+    from ..refine import list_proposers
+    return list_proposers
 
 
 def _entry_info(registry, name: str) -> dict:
@@ -88,14 +76,8 @@ def _entry_info(registry, name: str) -> dict:
 
 
 def _proposer_registry():
-    lister = _refine_lister()
-    if lister is None:
-        return None
-    mod = inspect.getmodule(lister)
-    for v in vars(mod).values() if mod else ():
-        if hasattr(v, "entry") and hasattr(v, "names") and callable(v.entry):
-            return v
-    return None
+    from ..refine.proposers import PROPOSERS
+    return PROPOSERS
 
 
 def options(weights: dict[str, str]) -> dict:
@@ -118,13 +100,12 @@ def options(weights: dict[str, str]) -> dict:
         elif m["extra"]:
             m["note"] = f"needs pip install 'fdseg[{m['extra']}]' if not installed"
     refine = [{"name": "none", "summary": "no refinement", "extra": None, "available": True}]
-    lister = _refine_lister()
-    if lister is not None:
-        reg = _proposer_registry()
-        for n in lister():
-            info = _entry_info(reg, n) if reg is not None else {"name": n, "summary": "", "extra": None}
-            refine.append(info | {"available": True})
-    return {"methods": methods, "backbones": backbones, "refine": refine, "resize": list(RESIZE_MODES)}
+    reg = _proposer_registry()
+    for n in _refine_lister()():
+        refine.append(_entry_info(reg, n) | {"available": True})
+    from ..presets import PRESETS
+    return {"methods": methods, "backbones": backbones, "refine": refine, "resize": list(RESIZE_MODES),
+            "presets": list(PRESETS)}
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -136,7 +117,8 @@ class Settings:
     refine: str = "none"
     threshold: float = 0.0
     size: int = 256
-    resize: str = "auto"
+    resize: str = ""              # "" = the preset's (auto for accurate / fast, resize for paper)
+    preset: str = "accurate"
 
     @classmethod
     def parse(cls, form: dict[str, str], defaults: "Settings") -> "Settings":
@@ -159,13 +141,15 @@ class Settings:
                 raise ValueError
         except ValueError:
             raise UploadError("size", f"must be a whole number from 32 to 2048, got {d['size']!r}") from None
-        if d["resize"] not in RESIZE_MODES:
+        if d["resize"] not in (*RESIZE_MODES, ""):
             raise UploadError("resize", f"must be one of {', '.join(RESIZE_MODES)}, got {d['resize']!r}")
+        from ..presets import PRESETS
+        if d["preset"] not in PRESETS:
+            raise UploadError("preset", f"unknown preset {d['preset']!r} (available: {', '.join(PRESETS)})")
         for key, names in (("method", METHODS.names()), ("backbone", BACKBONES.names())):
             if d[key] not in names:
                 raise UploadError(key, f"unknown {key} {d[key]!r} (available: {', '.join(names)})")
-        lister = _refine_lister()
-        refine_names = ["none"] + (list(lister()) if lister else [])
+        refine_names = ["none"] + list(_refine_lister()())
         if d["refine"] not in refine_names:
             raise UploadError("refine", f"unknown refinement {d['refine']!r} (available: {', '.join(refine_names)})")
         return cls(**d)
@@ -215,7 +199,9 @@ class Session:
         return {"id": self.id, "settings": asdict(self.settings), "created": self.created,
                 "supports": [{"index": i + 1, "name": s["name"], "width": s["width"], "height": s["height"],
                               "mask_fraction": s["mask_fraction"]} for i, s in enumerate(self.supports)],
-                "results": len(self.results)}
+                "results": len(self.results),
+                "plan": [{"step": d.step, "value": d.value, "reason": d.reason}
+                         for d in getattr(self.seg, "plan", None).decisions] if getattr(self.seg, "state", None) else []}
 
 
 class Engine:
@@ -259,8 +245,8 @@ class Engine:
             if s in self._templates:
                 self._templates.move_to_end(s)
                 return self._templates[s]
-            kw: dict[str, Any] = dict(backbone=s.backbone, method=s.method, input_size=s.size, resize=s.resize,
-                                      threshold=s.threshold, device=self.config.device,
+            kw: dict[str, Any] = dict(backbone=s.backbone, method=s.method, input_size=s.size,
+                                      resize=s.resize or None, preset=s.preset, threshold=s.threshold, device=self.config.device,
                                       weights=self.config.weights.get(s.backbone),
                                       max_pixels=self.config.max_pixels)
             if s.refine != "none":
@@ -275,16 +261,8 @@ class Engine:
             return tpl
 
     def new_segmenter(self, s: Settings):
-        """A fresh, unfitted segmenter for ``s`` sharing the template's networks."""
-        import torch
-        tpl = self._template(s)
-        memo: dict[int, Any] = {}
-        for obj in (tpl, tpl.method):
-            for v in vars(obj).values():
-                if isinstance(v, torch.nn.Module) or v is getattr(tpl, "extractor", None):
-                    memo[id(v)] = v
-        memo.pop(id(tpl.method), None)
-        return copy.deepcopy(tpl, memo)
+        """A fresh, unfitted segmenter for ``s`` on the template's model (networks shared, not copied)."""
+        return self._template(s).spawn()
 
     # -- fit -----------------------------------------------------------------------------------
     def fit(self, settings: Settings, pairs: list[tuple[Upload, Upload]]) -> Session:
@@ -489,6 +467,8 @@ def _support_arrays(s: dict) -> tuple[np.ndarray, np.ndarray]:
 def _report(rows: list[dict], session: Session, sup_cards: list[str]) -> str:
     ok = sorted(rows, key=lambda r: (-r["defect_fraction"], r["query"]))
     secs = [f"<p class='muted'>settings: {esc(json.dumps(asdict(session.settings)))}</p>",
+            "<p class='muted'>plan: " + esc("; ".join(f"{d['step']}={d['value']} ({d['reason']})"
+                                                      for d in session.info()["plan"])) + "</p>",
             "<h2>Supports</h2><div class='grid'>" + "".join(sup_cards) + "</div>",
             "<h2>Queries</h2>" + table(["query", "file", "defect area", "components", "max score"],
                                        [[r["query"], r["file"], f"{100 * r['defect_fraction']:.3f}%",

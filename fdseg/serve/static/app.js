@@ -12,7 +12,7 @@ const state = {
   options: null,
   nextId: 1,
 };
-const SETTING_IDS = ["method", "backbone", "refine", "threshold", "size", "resize"];
+const SETTING_IDS = ["preset", "method", "backbone", "refine", "threshold", "size", "resize"];
 
 function setStatus(msg, isError = false) {
   const el = $("status");
@@ -41,7 +41,7 @@ function fillSelect(sel, items, value) {
   for (const it of items) {
     const o = document.createElement("option");
     o.value = it.name;
-    o.textContent = it.name + (it.extra ? "  [fdseg[" + it.extra + "]]" : "");
+    o.textContent = (it.label || it.name) + (it.extra ? "  [fdseg[" + it.extra + "]]" : "");
     o.title = (it.summary || "") + (it.note ? " — " + it.note : "");
     o.disabled = it.available === false;
     sel.appendChild(o);
@@ -55,7 +55,8 @@ async function loadOptions() {
   fillSelect($("method"), o.methods, o.defaults.method);
   fillSelect($("backbone"), o.backbones, o.defaults.backbone);
   fillSelect($("refine"), o.refine, o.defaults.refine);
-  fillSelect($("resize"), o.resize.map((n) => ({ name: n })), o.defaults.resize);
+  fillSelect($("preset"), o.presets.map((n) => ({ name: n })), o.defaults.preset);
+  fillSelect($("resize"), [{ name: "", label: "(the preset's)" }, ...o.resize.map((n) => ({ name: n }))], o.defaults.resize);
   $("threshold").value = o.defaults.threshold;
   $("size").value = o.defaults.size;
   const notes = [...o.methods, ...o.backbones, ...o.refine].filter((x) => x.note).map((x) => x.name + ": " + x.note);
@@ -311,6 +312,8 @@ async function fitSession() {
   state.session = info.id;
   state.dirty = false;
   $("session-info").textContent = "session " + info.id;
+  $("session-info").title = (info.plan || []).map((d) => d.step + " = " + d.value + ": " + d.reason).join("\n");
+  $("plan-info").textContent = (info.plan || []).map((d) => d.step + "=" + d.value).join(" · ");
   return info;
 }
 
