@@ -4,11 +4,38 @@ scores on the held-out one. Folders split by dataset are given comma-separated.
 
     python benchmarks/lodo_gain.py 1 A_DIR[,A_DIR...] B_DIR[,B_DIR...]
 """
+import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from levers import bench_runs  # noqa: E402  (the same reader of `fdseg bench` records)
+import numpy as np
+
+
+def bench_runs(dirs: list[str]) -> dict:
+    """Episode records of `fdseg bench --out DIR` runs (runs/METHOD_Kshot.jsonl) -> summaries per shot count.
+    A later folder's record of an episode replaces an earlier one's (some episodes rerun with
+    `fdseg bench --episodes`, laid over a full run)."""
+    from fdseg.metrics import dataset_scores
+    recs: dict[str, dict] = defaultdict(dict)
+    for d in dirs:
+        for f in sorted(Path(d, "runs").glob("*shot.jsonl")):
+            k = f.stem.rsplit("_", 1)[1].removesuffix("shot")
+            for r in (json.loads(ln) for ln in f.read_text().splitlines()[1:] if ln.strip()):
+                recs[k][r["id"]] = r
+    out = {}
+    for k, by_id in recs.items():
+        rs = list(by_id.values())
+        by = defaultdict(list)
+        for r in rs:
+            by[r["dataset"]].append(r)
+        sc = {ds: dataset_scores(ds, sorted({r["cls"] for r in v}), v).as_dict() for ds, v in by.items()}
+        ms = float(np.median([r["fit_ms"] + r["predict_ms"] for r in rs]))
+        out[k] = {"datasets": sc, "class_mean": float(np.mean([x for d in sc.values() for x in d["class_iou"].values()])),
+                  "ms_per_episode": ms}
+    return out
+
+
 
 
 def class_ious(dirs: str, k: str) -> dict:
