@@ -10,6 +10,15 @@ Three modes, chosen with :class:`Preprocess`:
   smaller ones are squeezed as the paper does. ``zoom=2`` (chosen by the segmenter when the
   supports' defects are smaller than 2 grid cells) sees an image whose long side is at least
   ``4 x size`` at ``4 x size``, same cell: twice the grid on each side, where the pixels exist.
+  A *strip* (line-scan and other extreme-aspect images: long side >= ``STRIP_ASPECT`` (4) x
+  short side) is instead seen aspect-kept with its short side scaled to ``size`` (up or
+  down), unless its long side would then pass ``STRIP_MAX_LONG`` (16) x ``size``, in which
+  case the long side is ``16 x size``; the cell is 2x coarser (as for other large inputs), so
+  a strip of aspect ``a`` (<= 16) has ``size/(2 stride)`` cells across and ``a`` times that
+  along: ``a / 4`` times the cells of a squeezed square (4x at 16:1), and the matching of two
+  such strips costs ``(a / 4)^2`` times the square case (16x at 16:1, as ``zoom=2``). The whole
+  strip goes through the backbone in one pass (at most ``16 x size^2`` pixels, the pixels of a
+  zoom-2 image), so there are no window seams; zoom does not change how a strip is seen.
 * ``tile``: the image is scaled by ``scale`` (1.0 = native pixels), rounded to a
   multiple of 32, and its features are computed tile by tile (``size x size``
   tiles overlapping by ``overlap`` pixels) and stitched; for line-scan strips
@@ -30,6 +39,8 @@ import torch.nn.functional as F
 from ..errors import InputError
 
 MODES = ("resize", "aspect", "tile", "auto")
+STRIP_ASPECT = 4         # resize="auto": long side >= 4 x short side = a strip (kept at its short side)
+STRIP_MAX_LONG = 16      # a strip's input long side is at most 16 x size (bounds pixels and cells)
 
 
 def _round_to(x: float, m: int) -> int:
@@ -58,10 +69,22 @@ class Preprocess:
         if self.scale <= 0:
             raise InputError("--scale", f"scale must be positive, got {self.scale}")
 
+    def is_strip(self, h: int, w: int) -> bool:
+        """Whether ``resize="auto"`` sees an h x w image as a strip (aspect >= ``STRIP_ASPECT``)."""
+        return self.mode == "auto" and max(h, w) >= STRIP_ASPECT * min(h, w)
+
+    def strip_scale(self, h: int, w: int) -> float:
+        """Image -> input scale of a strip: its short side becomes ``size`` (up or down), unless its
+        long side would then pass ``STRIP_MAX_LONG x size``, which it is scaled to instead."""
+        return min(self.size / min(h, w), STRIP_MAX_LONG * self.size / max(h, w))
+
     def input_size(self, h: int, w: int) -> tuple[int, int]:
         """Network input size (H, W) for an image of h x w pixels."""
         if self.mode == "resize":
             return self.size, self.size
+        if self.is_strip(h, w):
+            s = self.strip_scale(h, w)
+            return _round_to(h * s, self.multiple), _round_to(w * s, self.multiple)
         if self.mode == "auto" and self.zoom == 2 and max(h, w) >= 4 * self.size:
             s = 4 * self.size / max(h, w)
             return _round_to(h * s, self.multiple), _round_to(w * s, self.multiple)
@@ -75,7 +98,8 @@ class Preprocess:
     def cell(self, H: int, W: int, stride: int) -> int:
         """Feature grid cell (network-input pixels) for an input of H x W: ``stride``, doubled
         in ``auto`` mode for inputs seen at twice ``size``, so that the grid stays ``size / stride``
-        cells on the long side (same matching cost)."""
+        cells on the long side (same matching cost), and for strips (``size / (2 stride)`` cells
+        across, 4x fewer cells than at ``stride``)."""
         return 2 * stride if self.mode == "auto" and max(H, W) > self.size else stride
 
     def tiles(self, H: int, W: int) -> list[tuple[int, int, int, int]]:
