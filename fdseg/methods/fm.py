@@ -10,6 +10,15 @@ Speed options (see BENCHMARKS.md for what they cost and save):
 * ``bg_coreset``: keep only part of the background bank, chosen by greedy k-center
   (PatchCore). A float in (0, 1] keeps that fraction, an int that many cells,
   None keeps all (exact).
+* ``bg_cover``: drop near-duplicate background cells (``fdseg.methods.similarity.cover_subset``):
+  every dropped cell has a kept one with cosine >= ``bg_cover`` (e.g. 0.97), so a margin rises by
+  at most ``sqrt(2 - 2 bg_cover)``. Built from the fitted bank at the first query. None = exact.
+
+Several views of a query: ``score_many`` scores them, ``score_views`` also merges them (mean of
+the margins flipped back) and, given the decision threshold (``exact_above``), matches exactly
+only the cells whose mask can depend on it: every other cell keeps an upper bound of its margin
+from a 1/32 strided subset of the background bank, which is below the threshold, so the
+thresholded mask is the exact one (see ``score_views``).
 
 Beyond the paper (``head``): a linear head fitted on the supports' own cells (class-balanced
 logistic regression on the cosine features, L2-regularised, a few L-BFGS steps at ``fit``) adds a
@@ -30,7 +39,8 @@ import torch.nn.functional as F
 
 from .base import Method, Query, Support, support_cells
 from .registry import register_method
-from .similarity import DEFAULT_CHUNK, greedy_coreset, kth_self_similarity, max_similarity
+from .similarity import (DEFAULT_CHUNK, cover_subset, greedy_coreset, kth_self_similarity, max_similarity,
+                         strided_subset)
 from ..errors import InputError
 from ..hardware import matmul_dtype
 
@@ -43,6 +53,21 @@ def coreset_size(n: int, spec: float | int | None) -> int:
     if isinstance(spec, int) and spec > 0:
         return min(n, spec)
     raise InputError("bg_coreset", f"expected a fraction in (0, 1] or a positive count, got {spec!r}")
+
+
+PRUNE_STRIDE = 32       # score_views: every 32nd background cell bounds the margins of the pruned search
+PRUNE_BAND = 0.02       # score_views: cells whose bound is this close below the threshold are matched exactly
+
+
+def merge_flipped(margins: list[torch.Tensor], flips: list[list[int]]) -> torch.Tensor:
+    """The mean of ``margins[i]`` flipped along ``flips[i]`` (in fp32; the order of the segmenter's
+    ``merge_views``: the first grid, then each view added, then divided)."""
+    total = torch.flip(margins[0].float(), flips[0]) if flips[0] else margins[0].float()
+    if len(margins) == 1:
+        return total
+    for m, dims in zip(margins[1:], flips[1:]):
+        total = total + (torch.flip(m.float(), dims) if dims else m.float())
+    return total / len(margins)
 
 
 HEAD_SCALE = 0.1        # the head's vote is at most +-head * 0.1 in cosine-margin units
@@ -81,7 +106,8 @@ class FeatureMatching(Method):
     def __init__(self, fg_min: float = 0.0, chunk: int = DEFAULT_CHUNK, precision: str = "auto",
                  bg_coreset: float | int | None = None, seed: int = 0,
                  query_bg: float | None = None, query_bg_radius: int = 1, query_bg_min_k: int = 3,
-                 head: float = 1.0, head_l2: float = 1e-3, head_steps: int = 60):
+                 head: float = 1.0, head_l2: float = 1e-3, head_steps: int = 60,
+                 bg_cover: float | None = None):
         self.fg_min, self.chunk, self.precision = fg_min, chunk, precision
         if head < 0 or head_l2 < 0 or head_steps < 1:
             raise InputError("fm head", f"need head >= 0, head_l2 >= 0, head_steps >= 1; got {head}, {head_l2}, {head_steps}")
@@ -89,6 +115,9 @@ class FeatureMatching(Method):
         self.head_w: torch.Tensor | None = None
         self.bg_coreset, self.seed = bg_coreset, seed
         self.query_bg, self.query_bg_radius, self.query_bg_min_k = query_bg, query_bg_radius, query_bg_min_k
+        if bg_cover is not None and not 0 < bg_cover < 1:
+            raise InputError("bg_cover", f"expected a cosine in (0, 1), got {bg_cover!r}")
+        self.bg_cover = bg_cover
         matmul_dtype(precision)   # validate early
         self.fg: torch.Tensor | None = None
         self.bg: torch.Tensor | None = None
@@ -113,21 +142,105 @@ class FeatureMatching(Method):
         self.fg_fraction = sum(fracs) / len(fracs)
         self.dtype = matmul_dtype(self.precision, fg.device)
 
+    # -- scoring ----------------------------------------------------------------
+    def _search_banks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fitted banks as the matching reads them (in the matmul dtype; the background bank
+        reduced by ``bg_cover``) and the strided background subset of the pruned search. Derived
+        from ``fg`` / ``bg`` at the first query after a fit (or a move) and kept."""
+        key = (id(self.fg), id(self.bg), self.fg.device, self.dtype)
+        cached = getattr(self, "_banks_cache", None)
+        if cached is None or cached[0] != key:
+            bg = self.bg
+            if self.bg_cover is not None:
+                bg = bg[cover_subset(bg, self.bg_cover)]
+            bg = bg.to(self.dtype).contiguous()
+            coarse = bg[strided_subset(len(bg), PRUNE_STRIDE)].contiguous()
+            cached = (key, (self.fg.to(self.dtype).contiguous(), bg, coarse))
+            self._banks_cache = cached
+        return cached[1]
+
+    def _flat(self, query: Query) -> torch.Tensor:
+        return query.features.flatten(1).T
+
+    def _vote(self, q: torch.Tensor, fg_max: torch.Tensor) -> torch.Tensor:
+        """``fg_max`` plus the linear head's vote: the margin before the background is subtracted."""
+        if self.head and self.head_w is not None:
+            return fg_max + self.head * HEAD_SCALE * torch.tanh(head_logits(q, self.head_w) / 4)
+        return fg_max
+
+    def _query_bg(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        k = max(self.query_bg_min_k, int(round(self.query_bg * self.fg_fraction * h * w)))
+        return kth_self_similarity(q, h, w, k, self.query_bg_radius, self.chunk)
+
     def score(self, query: Query) -> torch.Tensor:
+        return self.score_many([query])[0]
+
+    def score_many(self, queries: list[Query]) -> list[torch.Tensor]:
+        """The margin grids of several queries (e.g. a query and its flipped views), each matched
+        exactly against the banks: ``[score(q) for q in queries]``. (One matmul over all their
+        cells measured no faster than one per query: BENCHMARKS.md, matching speed.)"""
         if self.fg is None:
             raise RuntimeError("fit() the method before scoring")
-        c, h, w = query.features.shape
-        q = query.features.flatten(1).T
-        bg = max_similarity(q, self.bg, self.chunk, self.dtype)
+        fgb, bgb, _ = self._search_banks()
+        out = []
+        for query in queries:
+            _, h, w = query.features.shape
+            q = self._flat(query)
+            bg = max_similarity(q, bgb, self.chunk, self.dtype)
+            if self.query_bg:
+                bg = torch.maximum(bg, self._query_bg(q, h, w))
+            out.append((self._vote(q, max_similarity(q, fgb, self.chunk, self.dtype)) - bg).view(h, w))
+        return out
+
+    def score_views(self, queries: list[Query], flips: list[list[int]],
+                    exact_above: float | None = None) -> torch.Tensor:
+        """The mean of the views' margin grids, view ``i`` flipped back along ``flips[i]`` (grid dims,
+        ``[]`` for the query as it is): what the segmenter's query views average.
+
+        ``exact_above``: the decision threshold applied to these margins after bilinear upsampling.
+        Then only the cells that can matter for the mask are matched against the whole background
+        bank: first every cell gets an upper bound of its margin from a strided 1/32 of the bank (a
+        subset's best cosine is at most the bank's); the cells whose merged bound is at least
+        ``exact_above - PRUNE_BAND`` (the band covers bf16 rounding) and their 8 neighbours (a pixel
+        is interpolated from its 2 x 2 nearest cells) get their exact margins in every view. Every
+        other pixel's upsampled bound is below the threshold, and so is its exact value: the mask
+        is the exact one, and the margins of the cells kept as bounds are above their exact values
+        but below the threshold. None: every cell exact (= ``merge`` of ``score_many``)."""
+        if len(queries) != len(flips):
+            raise InputError("score_views", f"need one flip per query view, got {len(queries)} views and {len(flips)}")
+        shapes = {tuple(q.features.shape[-2:]) for q in queries}
+        if exact_above is None or len(shapes) != 1 or self.fg is None:
+            return merge_flipped(self.score_many(queries), flips)
+        fgb, bgb, coarse = self._search_banks()
+        (h, w), = shapes
+        n = h * w
+        qs = [self._flat(q) for q in queries]
+        allq = torch.cat(qs)
+        base = self._vote(allq, max_similarity(allq, fgb, self.chunk, self.dtype))
+        low = max_similarity(allq, coarse, self.chunk, self.dtype)           # <= the exact bg max
         if self.query_bg:
-            k = max(self.query_bg_min_k, int(round(self.query_bg * self.fg_fraction * h * w)))
-            bg = torch.maximum(bg, kth_self_similarity(q, h, w, k, self.query_bg_radius, self.chunk))
-        margin = max_similarity(q, self.fg, self.chunk, self.dtype) - bg
-        if self.head and self.head_w is not None:
-            margin = margin + self.head * HEAD_SCALE * torch.tanh(head_logits(q, self.head_w) / 4)
-        return margin.view(h, w)
+            low = torch.maximum(low, torch.cat([self._query_bg(q, h, w) for q in qs]))
+        bound = (base - low).view(len(qs), h, w)
+        merged = merge_flipped(list(bound), flips)
+        near = F.max_pool2d((merged >= exact_above - PRUNE_BAND).float()[None, None], 3, 1, 1)[0, 0] > 0
+        if not bool(near.any()):
+            return merged
+        rows = torch.cat([torch.flip(near, dims).flatten().nonzero().flatten() + i * n
+                          for i, dims in enumerate(flips)])
+        exact_bg = max_similarity(allq[rows], bgb, self.chunk, self.dtype)
+        if self.query_bg:
+            exact_bg = torch.maximum(exact_bg, low[rows])
+        flat = bound.flatten().clone()
+        flat[rows] = base[rows] - exact_bg
+        return merge_flipped(list(flat.view(len(qs), h, w)), flips)
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("_banks_cache", None)       # derived from fg / bg; rebuilt at the first query
+        return d
 
     def describe(self) -> dict:
         return {"method": self.name, "fg_cells": int(len(self.fg)) if self.fg is not None else 0,
                 "bg_cells": int(len(self.bg)) if self.bg is not None else 0,
-                "matmul": str(getattr(self, "dtype", "")).replace("torch.", ""), "head": self.head}
+                "matmul": str(getattr(self, "dtype", "")).replace("torch.", ""), "head": self.head,
+                **({"bg_cover": self.bg_cover} if self.bg_cover is not None else {})}
