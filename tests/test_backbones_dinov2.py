@@ -9,8 +9,13 @@ from fdseg import InputError, create_backbone
 from fdseg.errors import MissingExtraError
 
 HAVE_TIMM = importlib.util.find_spec("timm") is not None
-need_timm = pytest.mark.skipif(not HAVE_TIMM, reason="needs fdseg[timm] in the extras venv "
-                               "(pip install torch==2.14.1 torchvision==0.29.1 && pip install 'fdseg[timm]')")
+_skip_without_timm = pytest.mark.skipif(not HAVE_TIMM, reason="needs fdseg[timm] in the extras venv "
+                                        "(pip install torch==2.14.1 torchvision==0.29.1 && pip install 'fdseg[timm]')")
+
+
+def need_timm(test):
+    """Runs in the SAM extras venv (marker ``sam``, ``make test-sam``); skips elsewhere."""
+    return pytest.mark.sam(_skip_without_timm(test))
 
 
 @pytest.mark.skipif(HAVE_TIMM, reason="timm is installed here")

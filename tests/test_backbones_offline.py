@@ -156,6 +156,7 @@ def test_segmenter_finds_a_planted_patch(backbone):
     assert iou(seg.predict(q).mask, qm) > 0.6
 
 
+@pytest.mark.data
 @need_hed
 def test_cli_segment_real_defect_with_hed(tmp_path, defects_root):
     d = defects_root / "sd_saliency_900" / "scratches"

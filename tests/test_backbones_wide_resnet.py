@@ -103,16 +103,23 @@ def test_wide_resnet101_2_builds():
     assert len(bb.layer3) == 23 and list(bb.state_dict()) == _torchvision_keys((3, 4, 23))
 
 
-def test_cli_segment_with_weights_path(wrn50_file, tmp_path, defects_root):
-    d = defects_root / "sd_saliency_900" / "scratches"
-    imgs = sorted((d / "images").iterdir())[:2]
+def test_cli_segment_with_weights_path(wrn50_file, tmp_path, demo):
+    (s_img, s_mask), (q, _) = demo.supports[0], demo.queries[0]
     out = tmp_path / "out"
     rc = main(["segment", "--backbone", "wide_resnet50_2", "--weights", str(wrn50_file), "--size", "64",
-               "--support", str(imgs[0]), str(d / "masks" / f"{imgs[0].stem}.png"), "--query", str(imgs[1]),
-               "--out", str(out), "--no-progress", "--threads", "1"])
-    assert rc == 0 and (out / "masks" / f"{imgs[1].stem}.png").is_file()
+               "--support", str(s_img), str(s_mask), "--query", str(q),
+               "--out", str(out), "--no-progress", "--threads", "1", "--preset", "fast"])
+    assert rc == 0
+    import json
+    import numpy as np
+    from PIL import Image
+    mask = np.array(Image.open(out / "masks" / f"{q.stem}.png"))
+    assert mask.shape == np.array(Image.open(q)).shape[:2] and set(np.unique(mask)) <= {0, 255}
+    row, = json.loads((out / "summary.json").read_text())
+    assert row["status"] == "ok" and row["defect_fraction"] == pytest.approx((mask > 0).mean(), abs=1e-6)
 
 
+@pytest.mark.sam
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
                     reason="needs torchvision (extras venv: torch==2.14.1 torchvision==0.29.1)")
 def test_matches_torchvision_wide_resnet50_2():

@@ -22,6 +22,7 @@ def _mask(p, h=40, w=50, value=255):
     Image.fromarray(m).save(p)
 
 
+@pytest.mark.data
 def test_shared_defects_catalog(defects_root):
     cat = scan(defects_root)
     assert cat.layout == "fdseg"
@@ -34,6 +35,7 @@ def test_shared_defects_catalog(defects_root):
         sorted(s.image.name for s in cat.classes["bsdata"]["pitting"])
 
 
+@pytest.mark.data
 def test_paper_protocol_episodes(defects_root):
     cat = scan(defects_root).subset(["sd_saliency_900", "visa"])
     eps = make_episodes(cat, 5, seed=2)
@@ -53,6 +55,7 @@ def test_paper_protocol_episodes(defects_root):
     assert make_episodes(cat, 5, seed=3) != eps
 
 
+@pytest.mark.data
 def test_episode_json_round_trip(tmp_path, defects_root):
     cat = scan(defects_root).subset(["crackforest"], max_per_class=6)
     eps = make_episodes(cat, 1)
@@ -64,6 +67,7 @@ def test_episode_json_round_trip(tmp_path, defects_root):
         load_episodes(tmp_path / "bad.json")
 
 
+@pytest.mark.data
 def test_too_few_images_for_k(defects_root):
     cat = scan(defects_root).subset(["crackforest"], max_per_class=3)
     with pytest.raises(InputError, match="5-shot episodes need at least 6"):
@@ -135,11 +139,16 @@ def test_visa_layout_from_split_csv(tmp_path):
     assert cat.layout == "visa" and len(cat.classes["candle"]["candle"]) == 3 and len(cat.good["candle"]) == 1
 
 
-def test_missing_root_and_unknown_dataset(tmp_path, defects_root):
+def test_missing_root_and_unknown_dataset(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         scan(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="found no images with masks"):
         scan(tmp_path / "empty")
+    for ds in ("visa", "crackforest"):
+        _img(tmp_path / "data" / ds / "c" / "images" / "0.png")
+        _mask(tmp_path / "data" / ds / "c" / "masks" / "0.png")
+    cat = scan(tmp_path / "data")
+    assert cat.subset(["visa"]).datasets == ["visa"]
     with pytest.raises(InputError, match="no dataset named mvtec"):
-        scan(defects_root).subset(["mvtec"])
+        cat.subset(["mvtec"])

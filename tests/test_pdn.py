@@ -1,6 +1,7 @@
 """PDN backbones: architecture, EfficientAD state dicts, shipped weights, bad files, distillation."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -118,6 +119,8 @@ def test_shipped_weights_load_by_default():
     assert not torch.equal(bb.net[0].weight, untrained.net[0].weight)
 
 
+@pytest.mark.data
+@pytest.mark.slow
 def test_shipped_student_fm_beats_trivial_baselines(defects_root):
     from fdseg.bench import run_episode
     from fdseg.data import make_episodes, scan
@@ -144,16 +147,24 @@ def test_shipped_student_fm_beats_trivial_baselines(defects_root):
     assert miou["fm"] > max(miou["all_fg"], miou["all_bg"]) + 0.05, miou
 
 
-def _cfg(root, out, **kw):
-    base = dict(data=str(root / "images"), out=str(out), max_images=6, crop=32, batch=4, size=128,
+def _cfg(images, out, **kw):
+    base = dict(data=str(images), out=str(out), max_images=6, crop=32, batch=4, size=128,
                 stats_images=6, minutes=5, progress=False, lr=1e-3, seed=3, arch="pdn_tiny")
     base.update(kw)
     return DistillConfig(**base)
 
 
+@pytest.fixture(scope="module")
+def demo_images(demo):
+    """The demo's 8 query images (6 grey blowhole tiles, 2 defect-free RGB tiles) as a distillation set."""
+    return demo.queries[0][0].parent
+
+
+@pytest.mark.data
+@pytest.mark.slow
 def test_short_distillation_reduces_loss(distill_root, tmp_path):
     # whole 64 x 64 images (crop = size), no augmentation: the probe crops are the training crops
-    r = distill(_cfg(distill_root, tmp_path / "a", max_steps=40, probe_every=20, size=64, crop=64,
+    r = distill(_cfg(distill_root / "images", tmp_path / "a", max_steps=40, probe_every=20, size=64, crop=64,
                      max_images=2, batch=4, stats_images=2, gray_p=0.0, flip=False))
     assert r.steps == 40
     # the standardised target has unit variance: the untrained student's probe loss is near 1;
@@ -166,24 +177,24 @@ def test_short_distillation_reduces_loss(distill_root, tmp_path):
         assert tuple(bb(torch.zeros(1, 3, 64, 64))[0].shape) == (1, 384, 16, 16)
 
 
-def test_resume_continues_exactly(distill_root, tmp_path):
-    straight = distill(_cfg(distill_root, tmp_path / "s", max_steps=6))
-    cfg = _cfg(distill_root, tmp_path / "r", max_steps=3)
+def test_resume_continues_exactly(demo_images, tmp_path):
+    straight = distill(_cfg(demo_images, tmp_path / "s", max_steps=6))
+    cfg = _cfg(demo_images, tmp_path / "r", max_steps=3)
     distill(cfg)
     with pytest.raises(InputError, match="--resume"):
         distill(cfg)                                  # a checkpoint is there: refuse to overwrite
     with pytest.raises(InputError, match="other settings.*lr"):
-        distill(_cfg(distill_root, tmp_path / "r", max_steps=6, lr=5e-4), resume=True)
-    resumed = distill(_cfg(distill_root, tmp_path / "r", max_steps=6), resume=True)
+        distill(_cfg(demo_images, tmp_path / "r", max_steps=6, lr=5e-4), resume=True)
+    resumed = distill(_cfg(demo_images, tmp_path / "r", max_steps=6), resume=True)
     assert resumed.steps == 6
     a = torch.load(straight.student_file, weights_only=True)
     b = torch.load(resumed.student_file, weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(distill_root, tmp_path, monkeypatch):
+def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(demo_images, tmp_path, monkeypatch):
     import fdseg.distill as D
-    straight = distill(_cfg(distill_root, tmp_path / "s", max_steps=6))
+    straight = distill(_cfg(demo_images, tmp_path / "s", max_steps=6))
     real_crops, calls = D.crops, {"n": 0}
 
     def crops_then_ctrl_c(*a, **kw):       # call 1 is the probe batch, call k + 1 is step k
@@ -194,38 +205,46 @@ def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(distill_root, 
 
     monkeypatch.setattr(D, "crops", crops_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        distill(_cfg(distill_root, tmp_path / "i", max_steps=6))
+        distill(_cfg(demo_images, tmp_path / "i", max_steps=6))
     monkeypatch.setattr(D, "crops", real_crops)
     ck = torch.load(tmp_path / "i" / "checkpoint.pt", weights_only=True)
     assert int(ck["step"]) == 3                          # the 3 finished steps were saved on the way out
-    resumed = distill(_cfg(distill_root, tmp_path / "i", max_steps=6), resume=True)
+    resumed = distill(_cfg(demo_images, tmp_path / "i", max_steps=6), resume=True)
     assert resumed.steps == 6
     a = torch.load(straight.student_file, weights_only=True)
     b = torch.load(resumed.student_file, weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_distill_cli_and_errors(distill_root, tmp_path, capsys):
+def test_distill_cli_and_errors(demo_images, tmp_path, capsys):
     with pytest.raises(InputError, match="holds no image files"):
-        distill(_cfg(distill_root, tmp_path / "x", data=str(tmp_path)))
+        distill(_cfg(demo_images, tmp_path / "x", data=str(tmp_path)))
     with pytest.raises(InputError, match="multiple of 4"):
-        distill(_cfg(distill_root, tmp_path / "x", crop=30))
+        distill(_cfg(demo_images, tmp_path / "x", crop=30))
     with pytest.raises(InputError, match="must divide --batch"):
-        distill(_cfg(distill_root, tmp_path / "x", batch=6, crops_per_image=4))
-    rc = main(["distill", "--data", str(distill_root / "images"), "--out", str(tmp_path / "c"),
+        distill(_cfg(demo_images, tmp_path / "x", batch=6, crops_per_image=4))
+    rc = main(["distill", "--data", str(demo_images), "--out", str(tmp_path / "c"),
                "--max-images", "4", "--max-steps", "2", "--crop", "32", "--batch", "4", "--size", "64",
                "--no-progress"])
     assert rc == 0
     assert "2 steps" in capsys.readouterr().out
-    assert (tmp_path / "c" / "student.pt").is_file() and (tmp_path / "c" / "train.json").is_file()
+    rec = json.loads((tmp_path / "c" / "train.json").read_text())
+    assert rec["result"]["steps"] == 2 and rec["result"]["images"] == 4 and rec["config"]["crop"] == 32
+    assert rec["config"]["arch"] == "pdn_small"                              # the CLI's default student
+    bb = create_backbone("pdn_small", weights=tmp_path / "c" / "student.pt")    # and it loads
+    with torch.inference_mode():
+        assert tuple(bb(torch.zeros(1, 3, 64, 64))[0].shape) == (1, 384, 16, 16)
 
 
-def test_segment_cli_with_shipped_pdn(defects_root, tmp_path):
-    cls = defects_root / "magnetic_tile"
-    cls = sorted(p for p in cls.iterdir() if p.is_dir())[0]
-    ims = sorted((cls / "images").iterdir())[:2]
-    mask = cls / "masks" / (ims[0].stem + ".png")
-    rc = main(["segment", "--support", str(ims[0]), str(mask), "--query", str(ims[1]),
-               "--out", str(tmp_path / "o"), "--backbone", "pdn_tiny", "--no-progress"])
+def test_segment_cli_with_shipped_pdn(demo, tmp_path):
+    (s_img, s_mask), (q, gt) = demo.supports[0], demo.queries[5]      # exp1_num_317483
+    out = tmp_path / "o"
+    rc = main(["segment", "--support", str(s_img), str(s_mask), "--query", str(q),
+               "--out", str(out), "--backbone", "pdn_tiny", "--no-progress", "--preset", "fast"])
     assert rc == 0
-    assert (tmp_path / "o" / "masks" / (ims[1].stem + ".png")).is_file()
+    from PIL import Image
+    from conftest import iou
+    mask = np.array(Image.open(out / "masks" / f"{q.stem}.png"))
+    assert mask.shape == np.array(Image.open(q)).shape[:2] and set(np.unique(mask)) <= {0, 255}
+    # the student finds this blowhole: IoU with the ground truth measured 0.66
+    assert iou(mask > 0, np.array(Image.open(gt)) > 0) > 0.4

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import fdseg
-from fdseg.bench import BenchConfig, run_bench
 from fdseg.cli import main
 from fdseg.errors import MissingExtraError
 
@@ -18,6 +17,7 @@ def _pair(root, ds, cls, i):
     return im, root / ds / cls / "masks" / f"{im.stem}.png"
 
 
+@pytest.mark.data
 def test_segmenter_refine_superpixel_real(defects_root):
     s_img, s_mask = _pair(defects_root, "magnetic_tile", sorted(p.name for p in (defects_root / "magnetic_tile").iterdir() if p.is_dir())[0], 0)
     q1, _ = _pair(defects_root, "magnetic_tile", s_img.parent.parent.name, 1)
@@ -63,6 +63,7 @@ def test_sam_parts_name_the_extra_or_the_checkpoint():
     assert sp["extra"] == "refine" and "Felzenszwalb" in sp["summary"]
 
 
+@pytest.mark.data
 def test_bench_and_segment_cli_with_refine(defects_root, tmp_path, capsys):
     assert main(["list"]) == 0
     listed = capsys.readouterr().out
@@ -80,7 +81,11 @@ def test_bench_and_segment_cli_with_refine(defects_root, tmp_path, capsys):
     so = tmp_path / "s"
     assert main(["segment", "--support", str(s_img), str(s_mask), "--query", str(q), "--out", str(so),
                  "--no-progress", "--refine", "superpixel"]) == 0
-    assert (so / "masks" / f"{q.stem}.png").is_file()
+    from PIL import Image
+    mask = np.array(Image.open(so / "masks" / f"{q.stem}.png"))
+    assert mask.shape == np.array(Image.open(q)).shape[:2] and set(np.unique(mask)) <= {0, 255}
+    row, = json.loads((so / "summary.json").read_text())
+    assert row["status"] == "ok" and row["defect_fraction"] == pytest.approx((mask > 0).mean(), abs=1e-6)
     assert main(["segment", "--support", str(s_img), str(s_mask), "--query", str(q), "--out", str(so),
                  "--no-progress", "--refine", "fastsam", "--fastsam-checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt: FastSAM checkpoint not found" in capsys.readouterr().err

@@ -20,6 +20,8 @@ from fdseg.errors import InputError
 
 from conftest import planted
 
+pytestmark = pytest.mark.sam
+
 ASSETS = Path(__file__).parent / "assets"
 TINY = ASSETS / "sam2_tiny.yaml"
 
@@ -225,6 +227,7 @@ def test_fastsam_proposer(fastsam_ckpt, sam2_ckpt, scene, tmp_path):
 
 # -- CLI -----------------------------------------------------------------------------------------------
 
+@pytest.mark.data
 def test_cli_segment_and_bench_with_sam(sam2_ckpt, fastsam_ckpt, defects_root, tmp_path):
     import json
 
@@ -235,7 +238,11 @@ def test_cli_segment_and_bench_with_sam(sam2_ckpt, fastsam_ckpt, defects_root, t
     out = tmp_path / "seg"
     assert main(["segment", "--support", *sup, "--query", str(ims[1]), "--out", str(out), "--no-progress",
                  "--method", "sam2_track", "--sam2-checkpoint", str(sam2_ckpt), "--sam2-config", str(TINY)]) == 0
-    assert (out / "masks" / f"{ims[1].stem}.png").is_file()
+    from PIL import Image
+    mask = np.array(Image.open(out / "masks" / f"{ims[1].stem}.png"))
+    assert mask.shape == np.array(Image.open(ims[1])).shape[:2] and set(np.unique(mask)) <= {0, 255}
+    row, = json.loads((out / "summary.json").read_text())
+    assert row["status"] == "ok" and row["defect_fraction"] == pytest.approx((mask > 0).mean(), abs=1e-6)
     b = tmp_path / "bench"
     assert main(["bench", "--data", str(defects_root), "--datasets", "crackforest", "--max-per-class", "2",
                  "--shots", "1", "--out", str(b), "--no-progress", "--gallery", "0", "--method", "fm", "sam2_track",

@@ -1,4 +1,4 @@
-"""The REST API of ``fdseg serve`` on real defect images: round trips, every bad input, concurrency."""
+"""The REST API of ``fdseg serve`` on the demo's real defect images: round trips, every bad input, concurrency."""
 from __future__ import annotations
 
 import base64
@@ -19,19 +19,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.te
 
 import fdseg  # noqa: E402
 from fdseg.serve import ServeConfig, create_app  # noqa: E402
-from fdseg.serve.engine import Settings  # noqa: E402
 from fdseg.serve.uploads import rle_decode, rle_encode  # noqa: E402
 
 from serve_util import running_server  # noqa: E402
 
-CLASS = ("sd_saliency_900", "scratches")
-
-
 @pytest.fixture(scope="module")
-def pairs(defects_root):
-    d = defects_root.joinpath(*CLASS)
-    imgs = sorted((d / "images").iterdir())[:7]
-    return [(p, d / "masks" / f"{p.stem}.png") for p in imgs]
+def pairs(demo):
+    """7 (image, mask) pairs: a demo support, then the demo's 6 blowhole queries with their ground truth."""
+    return demo.supports[:1] + demo.queries
 
 
 def _client(**cfg):
@@ -87,7 +82,7 @@ def test_segment_round_trip_matches_the_library(client, pairs):
         assert res["max_score"] == pytest.approx(pred.max_score, abs=1e-4)
         ov = Image.open(io.BytesIO(base64.b64decode(res["overlay_jpeg"])))
         assert ov.size == (res["width"], res["height"])
-    # the scratch found is the real one
+    # the blowhole found is the real one
     gt = np.array(Image.open(q1_gt)) > 0
     m1 = _mask_of(body["results"][0])
     assert (m1 & gt).sum() / gt.sum() > 0.3
@@ -158,7 +153,7 @@ def test_session_fit_once_predict_many_zip_save_open(client, pairs, monkeypatch)
     assert saved["id"] == sid and saved["supports"] == 2
     root = client.app.state.engine.config.sessions_dir / sid
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    assert files == ["masks/1.png", "masks/2.png", "session.json", "supports/1.png", "supports/2.png"]
+    assert files == ["masks/1.png", "masks/2.png", "session.json", "supports/1.jpg", "supports/2.jpg"]   # as sent
     assert [s["id"] for s in client.get("/v1/saved").json()["saved"]] == [sid]
     r = client.post(f"/v1/saved/{sid}/open")
     assert r.status_code == 201 and r.json()["opened_from"] == sid and r.json()["settings"]["size"] == 128
@@ -324,7 +319,7 @@ def test_openapi_health_page_offline(client):
     assert h["status"] == "ok" and h["version"] == fdseg.__version__
 
 
-def test_choices_follow_the_registries(client, pairs, monkeypatch):
+def test_choices_follow_the_registries(client, pairs):
     """Methods, backbones and refinements registered later appear in the options and are usable."""
     from fdseg.methods import registry as mreg
     from fdseg.methods.fm import FeatureMatching
@@ -342,19 +337,28 @@ def test_choices_follow_the_registries(client, pairs, monkeypatch):
     finally:
         mreg.METHODS._entries.pop("fm_test_serve", None)
 
-    # a refinement registry (other fdseg parts add one) shows up once the segmenter takes `refine`
-    seen = {}
+    # a refinement registered later: listed, and a request with it runs it (no candidates: mask unchanged)
+    from fdseg.refine import Proposer, register_proposer
+    from fdseg.refine.proposers import PROPOSERS
+    calls = {"n": 0}
 
-    class RefiningSegmenter(fdseg.FewShotSegmenter):
-        def __init__(self, *a, refine=None, **k):
-            seen["refine"] = refine
-            super().__init__(*a, **k)
-    monkeypatch.setattr(fdseg, "FewShotSegmenter", RefiningSegmenter)
-    monkeypatch.setattr(fdseg, "list_proposers", lambda: ["superpixel"], raising=False)
-    assert [x["name"] for x in client.get("/v1/options").json()["refine"]] == ["none", "superpixel"]
-    s = Settings.parse({"refine": "superpixel", "size": "64"}, Settings())
-    client.app.state.engine.new_segmenter(s)
-    assert seen["refine"] == "superpixel"
+    @register_proposer("none_found_test_serve", summary="proposes nothing (a test)")
+    class NoneFound(Proposer):
+        def propose(self, image):
+            calls["n"] += 1
+            return np.zeros((0, *image.shape[:2]), bool)
+    try:
+        refine = {x["name"]: x for x in client.get("/v1/options").json()["refine"]}
+        assert refine["none_found_test_serve"]["summary"] == "proposes nothing (a test)"
+        files = [_file("support", s_img), _file("mask", s_mask), _file("query", q)]
+        r = client.post("/v1/segment", files=files, data={"refine": "none_found_test_serve", "size": "64"})
+        assert r.status_code == 200, r.text
+        assert r.json()["settings"]["refine"] == "none_found_test_serve" and calls["n"] == 1
+        plain = client.post("/v1/segment", files=files, data={"size": "64"}).json()
+        assert (_mask_of(r.json()["results"][0]) == _mask_of(plain["results"][0])).all()
+    finally:
+        PROPOSERS._entries.pop("none_found_test_serve", None)
+    assert "none_found_test_serve" not in [x["name"] for x in client.get("/v1/options").json()["refine"]]
 
 
 def test_cli_serve_arguments_and_missing_extra(monkeypatch, tmp_path, capsys):

@@ -58,6 +58,9 @@ def _stroke_points(mask: np.ndarray, n: int = 30) -> list[tuple[float, float]]:
     return pts
 
 
+@pytest.mark.data
+@pytest.mark.slow
+@pytest.mark.browser
 def test_paint_support_segment_queries_in_browser(defects_root, tmp_path):
     _need_browser()
     from playwright.sync_api import sync_playwright
