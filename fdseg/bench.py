@@ -26,6 +26,7 @@ from .data.layouts import Catalog, scan
 from .data.preprocess import resize_mask
 from .errors import FdsegError, InputError
 from .metrics import benchmark_mean, dataset_scores, episode_counts
+from .normals import bench_pools, ok_episodes
 from .report.html import card, esc, table, write_page
 from .report.overlay import GREEN, RED, overlay, panel
 from .segmenter import FewShotSegmenter
@@ -48,6 +49,10 @@ class BenchConfig:
     progress: bool = True
     cache_size: int = 192                # feature grids kept per run, support views included (exact; 0 = the paper's loop)
     per_method: dict = field(default_factory=dict)  # method -> extra method_options (e.g. SAM2 checkpoint)
+    normals: Path | None = None          # defect-free images per class (fdseg.normals layouts) passed to fit
+    normal_count: int | None = 50        # normals per class (evenly spread; None = all)
+    ok_queries: Path | None = None       # defect-free images per class added as OK queries
+    ok_count: int = 5                    # OK queries per class
 
 
 def _peak_rss_mb() -> float:
@@ -135,11 +140,11 @@ def _gallery_panel(root: Path, ep: Episode, gt: np.ndarray, pred: np.ndarray, si
                  ["support", "query", "ground truth", "prediction"])
 
 
-def run_episode(seg: FewShotSegmenter, root: Path, ep: Episode, eval_size: int):
-    """Fit on the episode's supports, predict its query (the segmenter's own finish path, at
-    ``eval_size`` squared or native); returns (gt, pred, fit_s, predict_s)."""
+def run_episode(seg: FewShotSegmenter, root: Path, ep: Episode, eval_size: int, normals=None):
+    """Fit on the episode's supports (and ``normals``, defect-free images), predict its query (the
+    segmenter's own finish path, at ``eval_size`` squared or native); returns (gt, pred, fit_s, predict_s)."""
     t0 = time.perf_counter()
-    seg.fit([root / p for p in ep.supports], [root / p for p in ep.support_masks])
+    seg.fit([root / p for p in ep.supports], [root / p for p in ep.support_masks], normals=normals)
     t1 = time.perf_counter()
     res = seg.predict(root / ep.query, size=(eval_size, eval_size) if eval_size else None)
     t2 = time.perf_counter()
@@ -160,6 +165,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     episodes_by_k: dict[int, list[Episode]] = {}
     root = cat.root
+    normals_by, ok_by = bench_pools(cat, cfg.normals, cfg.normal_count, cfg.ok_queries, cfg.ok_count,
+                                    out / "normals_cache") if (cfg.normals or cfg.ok_queries) else ({}, {})
     for k in cfg.shots:
         if cfg.episodes_file:
             eps, root = load_episodes(cfg.episodes_file)
@@ -168,6 +175,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                 raise InputError(cfg.episodes_file, f"holds no {k}-shot episodes")
         else:
             eps = make_episodes(cat, k, cfg.seed)
+        if cfg.ok_queries:
+            eps = eps + ok_episodes(cat, k, cfg.seed, ok_by)
         episodes_by_k[k] = eps
         save_episodes(out / f"episodes_{k}shot.json", eps, root, cfg.seed)
 
@@ -175,15 +184,47 @@ def run_bench(cfg: BenchConfig) -> dict:
                "segmenter": cfg.segmenter, "runs": []}
     classes = {ds: sorted(c) for ds, c in cat.classes.items()}
     for method in cfg.methods:
-        seg = FewShotSegmenter(method=method, cache_size=cfg.cache_size, **_seg_kwargs(cfg, method))
+        # the normals' grids are kept as well, so each is computed once per run
+        extra = max((len(v) for v in normals_by.values()), default=0) if cfg.cache_size else 0
+        seg = FewShotSegmenter(method=method, cache_size=cfg.cache_size + extra, **_seg_kwargs(cfg, method))
         for k in cfg.shots:
-            results["runs"].append(_bench_one(cfg, seg, method, k, episodes_by_k[k], root, classes, out))
+            results["runs"].append(_bench_one(cfg, seg, method, k, episodes_by_k[k], root, classes, out,
+                                              normals_by))
     _write_outputs(results, out, cat)
     return results
 
 
-def _bench_one(cfg, seg, method, k, episodes, root, classes, out) -> dict:
-    log = RunLog(out / "runs" / f"{method}_{k}shot.jsonl", _run_key(cfg, seg, method, k))
+class _KeepLast:
+    """The segmenter as :func:`run_episode` uses it, keeping its last prediction (the image-level verdict)."""
+
+    def __init__(self, seg: FewShotSegmenter):
+        self.seg, self.last = seg, None
+
+    def fit(self, *a, **kw):
+        self.seg.fit(*a, **kw)
+        return self
+
+    def predict(self, *a, **kw):
+        self.last = self.seg.predict(*a, **kw)
+        return self.last
+
+    def __getattr__(self, name):
+        return getattr(self.seg, name)
+
+
+def _normals_key(cfg: BenchConfig) -> dict:
+    """The normals / OK-query settings a run's results depend on (none: the key of a plain run)."""
+    out = {}
+    if cfg.normals:
+        out["normals"] = {"dir": str(Path(cfg.normals).resolve()), "count": cfg.normal_count}
+    if cfg.ok_queries:
+        out["ok_queries"] = {"dir": str(Path(cfg.ok_queries).resolve()), "count": cfg.ok_count}
+    return out
+
+
+def _bench_one(cfg, seg, method, k, episodes, root, classes, out, normals_by: dict | None = None) -> dict:
+    normals_by = normals_by or {}
+    log = RunLog(out / "runs" / f"{method}_{k}shot.jsonl", {**_run_key(cfg, seg, method, k), **_normals_key(cfg)})
     gallery = _gallery_ids(episodes, cfg.gallery)
     todo = [e for e in episodes if e.id not in log.done]
     it = todo
@@ -193,15 +234,21 @@ def _bench_one(cfg, seg, method, k, episodes, root, classes, out) -> dict:
                   total=len(episodes), dynamic_ncols=True)
     try:
         for ep in it:
+            keep = _KeepLast(seg)
+            normals = normals_by.get((ep.dataset, ep.cls))
             try:
-                gt, pred, fit_s, pred_s = run_episode(seg, root, ep, cfg.eval_size)
+                gt, pred, fit_s, pred_s = run_episode(keep, root, ep, cfg.eval_size, normals=normals)
             except FdsegError as e:
                 log.add({"id": ep.id, "dataset": ep.dataset, "cls": ep.cls, "error": str(e)})
                 continue
             tp, fp, fn, tn = episode_counts(gt, pred)
             rec = {"id": ep.id, "dataset": ep.dataset, "cls": ep.cls, "defect_free": ep.defect_free,
                    "tp": tp, "fp": fp, "fn": fn, "tn": tn, "fit_ms": fit_s * 1e3, "predict_ms": pred_s * 1e3,
-                   "plan": seg.plan.summary()}
+                   "plan": seg.plan.summary(), "normals": len(normals or [])}
+            if keep.last is not None:
+                rec.update(defect_score=keep.last.defect_score, is_defective=keep.last.is_defective,
+                           largest_cells=keep.last.largest_cells,
+                           support_min_cells=getattr(seg.method, "min_defect_cells", None))
             if ep.id in gallery:
                 rel = f"gallery/{method}_{k}shot_{ep.dataset}_{ep.cls}_{Path(ep.query).stem}.jpg"
                 write_jpeg(out / rel, _gallery_panel(root, ep, gt, pred, gt.shape))
@@ -234,11 +281,14 @@ def _rows(results: dict) -> list[dict]:
             rows.append({"method": run["method"], "shots": run["shots"], "dataset": d["dataset"],
                          "miou": d["miou"], "fbiou": d["fbiou"], "precision": d["precision"],
                          "recall": d["recall"], "episodes": d["episodes"],
-                         "fp_rate_defect_free": d["fp_rate"],
+                         "fp_rate_defect_free": d["fp_rate"], "defect_free": d.get("defect_free", 0),
+                         "auroc": d.get("auroc"), "ok_flagged": d.get("ok_flagged"),
+                         "defect_flagged": d.get("defect_flagged"),
                          "ms_per_query": run["ms_per_query_by_dataset"].get(d["dataset"])})
         rows.append({"method": run["method"], "shots": run["shots"], "dataset": "class mean",
                      "miou": run["class_mean_miou"], "fbiou": run["dataset_mean_fbiou"], "precision": None,
-                     "recall": None, "episodes": run["episodes"], "fp_rate_defect_free": None,
+                     "recall": None, "episodes": run["episodes"], "fp_rate_defect_free": None, "defect_free": None,
+                     "auroc": None, "ok_flagged": None, "defect_flagged": None,
                      "ms_per_query": run["ms_per_query_median"]})
     return rows
 
@@ -259,6 +309,29 @@ def markdown_table(results: dict) -> str:
     lines.append("")
     lines.append("Cells: mIoU / FB-IoU x 100 per dataset (the paper's confusion-matrix metric); "
                  "class mean = mean IoU over all classes; ms/query = median fit + predict per episode.")
+    img = _image_level_table(results)
+    return "\n".join(lines) + "\n" + (f"\n{img}" if img else "")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _image_level_table(results: dict) -> str:
+    """Per run and dataset with defect-free queries: image-level AUROC, the share of OK queries judged
+    defective (false alarms), of defective ones judged defective, and false-alarm pixels (empty: none)."""
+    rows = [(r, d) for r in results["runs"] for d in r["datasets"] if d.get("defect_free")]
+    if not rows:
+        return ""
+    lines = ["| method | shots | dataset | image AUROC | OK judged defective % | defects judged defective % | "
+             "false-alarm px % (OK queries) | OK queries |", "|---|---|---|---|---|---|---|---|"]
+    for r, d in rows:
+        lines.append(f"| {r['method']} | {r['shots']} | {d['dataset']} | {_pct(d.get('auroc'))} | "
+                     f"{_pct(d.get('ok_flagged'))} | {_pct(d.get('defect_flagged'))} | "
+                     f"{'-' if d['fp_rate'] is None else format(100 * d['fp_rate'], '.3f')} | {d['defect_free']} |")
+    lines.append("")
+    lines.append("Image level (defect-free queries: the dataset's own, or --ok-queries): AUROC of the defect score "
+                 "(defective vs defect-free queries) x 100; verdicts by the rule of fdseg.pipeline.finish.")
     return "\n".join(lines) + "\n"
 
 
@@ -290,10 +363,11 @@ def write_report(results: dict, out: Path) -> Path:
             rows.append([d["dataset"], f"{100 * d['miou']:.1f}", f"{100 * d['fbiou']:.1f}",
                          f"{100 * d['precision']:.1f}", f"{100 * d['recall']:.1f}", d["episodes"],
                          "-" if d["fp_rate"] is None else f"{100 * d['fp_rate']:.2f}%",
+                         _pct(d.get("auroc")), _pct(d.get("ok_flagged")),
                          ", ".join(f"{c} {100 * v:.1f}" for c, v in d["class_iou"].items())])
         sec = f"<h2>{esc(r['method'])}, {r['shots']}-shot</h2>"
         sec += table(["dataset", "mIoU", "FB-IoU", "precision", "recall", "episodes", "FP px on defect-free",
-                      "per-class IoU"], rows)
+                      "image AUROC", "OK judged defective %", "per-class IoU"], rows)
         if r["errors"]:
             sec += "<p class='bad'>Skipped episodes:</p><ul>" + "".join(
                 f"<li>{esc(e['id'])}: {esc(e['error'])}</li>" for e in r["errors"]) + "</ul>"

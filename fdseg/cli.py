@@ -141,6 +141,14 @@ def _explain(a: argparse.Namespace, seg) -> None:
             print(f"  {line}", file=sys.stderr)
 
 
+def _normals(a: argparse.Namespace) -> list[Path] | None:
+    """--normal: defect-free image files and folders -> their paths (None when not given)."""
+    if not getattr(a, "normal", None):
+        return None
+    from .normals import collect_normals
+    return collect_normals(a.normal)
+
+
 def cmd_segment(a: argparse.Namespace) -> int:
     from .segment_folder import collect_queries, segment_folder
     from .segmenter import FewShotSegmenter
@@ -151,12 +159,13 @@ def cmd_segment(a: argparse.Namespace) -> int:
     else:
         seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size,
                                **_with_sam2(_segmenter_kwargs(a), a.method, a))
-        seg.fit([s[0] for s in supports], [s[1] for s in supports])
+        seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
         _explain(a, seg)
         queries = collect_queries(a.query)
         res = segment_folder(seg, queries, a.out, progress=not a.no_progress, resume=a.resume, supports=supports)
     n_def = sum(1 for r in res.rows if r["status"] == "ok" and r["defect_fraction"] > 0)
-    print(f"{len(res.rows) - len(res.errors)} queries segmented ({n_def} with defects), "
+    n_bad = sum(1 for r in res.rows if r["status"] == "ok" and r.get("verdict") == "defective")
+    print(f"{len(res.rows) - len(res.errors)} queries segmented ({n_def} with defect pixels, {n_bad} judged defective), "
           f"{len(res.errors)} skipped -> {a.out.rstrip('/')}/report.html")
     for r in res.errors:
         print(f"  skipped {r['file']}: {r['error']}", file=sys.stderr)
@@ -184,7 +193,7 @@ def _segment_ray(a: argparse.Namespace, supports: list[tuple[Path, Path]]):
     gpus = a.gpus_per_actor if a.gpus_per_actor is not None else (1.0 if a.device.startswith("cuda") else 0.0)
     # fitted on the driver's CPU and shipped; the actors move it to their own device
     seg = FewShotSegmenter(method=a.method, **{**_segmenter_kwargs(a), "device": "cpu"})
-    seg.fit([s[0] for s in supports], [s[1] for s in supports])
+    seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
     _explain(a, seg)
     return segment_ray(seg, list_queries(a.query), a.out, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
                        gpus_per_actor=gpus, batch_size=a.ray_batch_size, resume=a.resume,
@@ -199,6 +208,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
                       max_per_class=a.max_per_class, episodes_file=Path(a.episodes) if a.episodes else None,
                       gallery=a.gallery, segmenter=_segmenter_kwargs(a), progress=not a.no_progress,
                       cache_size=0 if a.no_cache else 192,
+                      normals=Path(a.normal) if a.normal else None,
+                      normal_count=None if a.normal_count == 0 else a.normal_count,
+                      ok_queries=Path(a.ok_queries) if a.ok_queries else None, ok_count=a.ok_count,
                       per_method={m: _with_sam2({}, m, a)["method_options"] for m in a.method
                                   if _with_sam2({}, m, a)})
     res = run_bench(cfg)
@@ -340,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--query", nargs="+", required=True, help="query image files, folders or globs")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--resume", action="store_true", help="skip queries already finished in OUT")
+    s.add_argument("--normal", nargs="+", default=None, metavar="DIR_OR_FILE",
+                   help="defect-free (OK) images of the same product, files or folders: their cells join the "
+                        "matcher's background, which lowers false alarms (fm)")
     s.add_argument("--explain", action="store_true",
                    help="print the fitted plan: what each step decided on the supports, and why")
     s.add_argument("--no-progress", action="store_true")
@@ -358,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-per-class", type=int, default=None, help="first N images of each class only")
     b.add_argument("--episodes", default=None, help="episode JSON from an earlier run (identical episodes)")
     b.add_argument("--gallery", type=int, default=3, help="gallery panels per dataset and run (default 3)")
+    b.add_argument("--normal", default=None, metavar="DIR",
+                   help="defect-free images per class passed to each fit (DIR/index.csv with file,source columns, "
+                        "DIR/DATASET/CLASS/*.png or DIR/DATASET/*.png; see docs/normals.md)")
+    b.add_argument("--normal-count", type=int, default=50, help="normals per class, evenly spread (default 50; 0 = all)")
+    b.add_argument("--ok-queries", default=None, metavar="DIR",
+                   help="defect-free images per class (same layouts as --normal) added as OK queries: image-level "
+                        "AUROC and false alarms; never among the normals")
+    b.add_argument("--ok-count", type=int, default=5, help="OK queries per class (default 5)")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--no-cache", action="store_true",
                    help="recompute every support's features in every episode (the paper's loop; for timing)")

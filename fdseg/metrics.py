@@ -12,6 +12,10 @@ ground-truth defect pixels are labelled ``c`` and so are the predicted ones.
 
 Defect-free queries do not enter the matrix; their predicted pixels give the
 false-positive pixel rate, reported apart.
+
+Image level (episodes that carry a ``defect_score`` and ``is_defective``): ``auroc`` of the defect
+score, defective queries against defect-free ones, and ``ok_flagged``, the share of defect-free
+queries whose verdict is defective (the false-alarm rate).
 """
 from __future__ import annotations
 
@@ -29,6 +33,29 @@ def episode_counts(gt: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int
     fp = int(np.count_nonzero(pred)) - tp
     fn = int(np.count_nonzero(gt)) - tp
     return tp, fp, fn, int(gt.size) - tp - fp - fn
+
+
+def auroc(scores, labels) -> float | None:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (True = positive): the probability
+    that a random positive scores above a random negative, ties counting one half (Mann-Whitney U).
+    None when either class is missing."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"{s.size} scores and {y.size} labels")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    ss = s[order]
+    # average ranks over ties (1-based)
+    starts = np.r_[0, np.flatnonzero(np.diff(ss)) + 1]
+    ends = np.r_[starts[1:], len(ss)]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
 
 
 class ConfusionMatrix:
@@ -85,6 +112,9 @@ class DatasetScores:
     episodes: int
     fp_rate: float | None = None      # predicted-defect pixel fraction on defect-free queries
     defect_free: int = 0
+    auroc: float | None = None        # image level: defect_score, defective vs defect-free queries
+    ok_flagged: float | None = None   # image level: share of defect-free queries judged defective
+    defect_flagged: float | None = None   # image level: share of defective queries judged defective
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -107,9 +137,14 @@ def dataset_scores(dataset: str, classes: list[str], episodes: list[dict]) -> Da
         cm.add_episode(label[e["cls"]], e["tp"], e["fp"], e["fn"], e["tn"])
         n += 1
     iou = cm.iou()
+    img = [e for e in episodes if e.get("defect_score") is not None]
+    ok = [bool(e["is_defective"]) for e in img if e.get("defect_free")]
+    bad = [bool(e["is_defective"]) for e in img if not e.get("defect_free")]
     return DatasetScores(dataset, classes, {c: float(iou[label[c]]) for c in classes}, cm.miou(), cm.fbiou(),
                          float(cm.precision()[1:].mean()), float(cm.recall()[1:].mean()), n,
-                         (fp_px / tot_px) if tot_px else None, n_free)
+                         (fp_px / tot_px) if tot_px else None, n_free,
+                         auroc([e["defect_score"] for e in img], [not e.get("defect_free") for e in img]),
+                         float(np.mean(ok)) if ok else None, float(np.mean(bad)) if bad else None)
 
 
 def benchmark_mean(scores: list[DatasetScores]) -> dict:

@@ -2,7 +2,8 @@
 
 For each query ``STEM``: ``masks/STEM.png`` (0/255, the query's own size),
 ``scores/STEM.png`` (the soft score map, 0..255, 128 = decision boundary),
-``overlays/STEM.jpg``; one row in ``summary.csv`` / ``summary.json``; and
+``overlays/STEM.jpg``; one row in ``summary.csv`` / ``summary.json`` (with the image-level
+``verdict``, defective or ok, and its ``defect_score``: :mod:`fdseg.pipeline.finish`); and
 ``report.html``, a gallery sorted so that defective images come first.
 
 A bad query is skipped and reported as an error row; every finished query is in
@@ -28,7 +29,8 @@ from .report.html import card, esc, table, write_page
 from .report.overlay import GREEN, overlay
 from .segmenter import FewShotSegmenter, Prediction
 
-FIELDS = ["query", "file", "width", "height", "defect_fraction", "components", "boxes", "max_score", "status", "error"]
+FIELDS = ["query", "file", "width", "height", "defect_fraction", "components", "boxes", "max_score", "verdict",
+          "defect_score", "status", "error"]
 
 
 def collect_queries(items: Iterable[str | Path]) -> list[Path]:
@@ -77,12 +79,13 @@ class FolderResult:
 def _row(name: str, path: Path, pred: Prediction | None, error: str | None = None) -> dict:
     if pred is None:
         return {"query": name, "file": str(path), "width": None, "height": None, "defect_fraction": None,
-                "components": None, "boxes": [], "max_score": None, "status": "error", "error": error}
+                "components": None, "boxes": [], "max_score": None, "verdict": None, "defect_score": None,
+                "status": "error", "error": error}
     h, w = pred.mask.shape
     return {"query": name, "file": str(path), "width": w, "height": h,
             "defect_fraction": round(pred.defect_fraction, 6), "components": len(pred.boxes),
             "boxes": [list(b) for b in pred.boxes], "max_score": round(pred.max_score, 4),
-            "status": "ok", "error": ""}
+            "verdict": pred.verdict, "defect_score": round(pred.defect_score, 4), "status": "ok", "error": ""}
 
 
 def query_outputs(name: str, rgb: np.ndarray, pred: Prediction) -> dict[str, bytes]:
@@ -185,13 +188,17 @@ def _write_report(out: Path, rows: list[dict], seg: FewShotSegmenter, supports: 
             write_jpeg(out / rel, overlay(rgb, load_mask(m, size=rgb.shape[:2]), GREEN))
             cards.append(card(rel, f"support {i + 1}: {Path(im).name}"))
         secs.append("<h2>Supports</h2><div class='grid'>" + "".join(cards) + "</div>")
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["defect_fraction"], r["query"]))
+    ok = sorted((r for r in rows if r["status"] == "ok"),
+                key=lambda r: (r.get("verdict") != "defective", -r["defect_fraction"], r["query"]))
     bad = [r for r in rows if r["status"] != "ok"]
-    secs.append("<h2>Queries</h2>" + table(
-        ["query", "defect area", "components", "max score", "status"],
-        [[r["query"], f"{100 * r['defect_fraction']:.3f}%", r["components"], r["max_score"], "ok"] for r in ok] +
-        [[r["query"], "-", "-", "-", r["error"]] for r in bad]))
+    n_def = sum(1 for r in ok if r.get("verdict") == "defective")
+    secs.append(f"<h2>Queries</h2><p class='muted'>{n_def} of {len(ok)} judged defective (a mask component of at "
+                f"least one grid cell; defect score = the largest margin above the threshold)</p>" + table(
+        ["query", "verdict", "defect score", "defect area", "components", "max score", "status"],
+        [[r["query"], r.get("verdict", "-"), r.get("defect_score", "-"), f"{100 * r['defect_fraction']:.3f}%",
+          r["components"], r["max_score"], "ok"] for r in ok] +
+        [[r["query"], "-", "-", "-", "-", "-", r["error"]] for r in bad]))
     secs.append("<h2>Overlays (most defective first)</h2><div class='grid'>" + "".join(
-        card(f"overlays/{r['query']}.jpg", f"{r['query']}: {100 * r['defect_fraction']:.3f}% defect, "
-                                            f"max score {r['max_score']}") for r in ok) + "</div>")
+        card(f"overlays/{r['query']}.jpg", f"{r['query']}: {r.get('verdict', '-')}, {100 * r['defect_fraction']:.3f}% "
+                                            f"defect, max score {r['max_score']}") for r in ok) + "</div>")
     return write_page(out / "report.html", "fdseg segmentation", secs)

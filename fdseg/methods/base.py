@@ -34,8 +34,13 @@ class Method:
     uses_features: bool = True
     #: margins are divided by this before the sigmoid that gives the 0..1 score map
     temperature: float = 0.05
+    #: whether ``fit`` uses defect-free images (``normals``: their feature grids); the segmenter
+    #: refuses normals for a method without it
+    takes_normals: bool = False
 
-    def fit(self, supports: list[Support]) -> None:  # pragma: no cover - abstract
+    def fit(self, supports: list[Support], normals: list[torch.Tensor] | None = None) -> None:  # pragma: no cover
+        """Learn from the supports; ``normals``: C x h x w feature grids of defect-free images of the
+        same product (only when :attr:`takes_normals`)."""
         raise NotImplementedError
 
     def score(self, query: Query) -> torch.Tensor:  # pragma: no cover - abstract

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Method, Query, Support, support_cells
+from .normal_bank import DEFAULT_BUDGET as DEFAULT_NORMAL_CELLS, check_size_class, normal_bank
 from .registry import register_method
 from .similarity import (DEFAULT_CHUNK, cover_subset, greedy_coreset, kth_self_similarity, max_similarity,
                          strided_subset)
@@ -68,6 +69,19 @@ def merge_flipped(margins: list[torch.Tensor], flips: list[list[int]]) -> torch.
     for m, dims in zip(margins[1:], flips[1:]):
         total = total + (torch.flip(m.float(), dims) if dims else m.float())
     return total / len(margins)
+
+
+def smallest_defect_cells(supports: list[Support], fg_min: float = 0.0) -> int:
+    """Cells of the smallest 8-connected component of the supports' foreground cells (at least 1)."""
+    import numpy as np
+    from scipy import ndimage
+    sizes = []
+    for s in supports:
+        fg, _ = support_cells(s.coverage, fg_min)
+        lab, n = ndimage.label(fg.view(s.coverage.shape).cpu().numpy(), structure=np.ones((3, 3), bool))
+        if n:
+            sizes.append(int(np.bincount(lab.ravel())[1:].min()))
+    return max(1, min(sizes)) if sizes else 1
 
 
 HEAD_SCALE = 0.1        # the head's vote is at most +-head * 0.1 in cosine-margin units
@@ -102,13 +116,19 @@ def head_logits(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @register_method("fm", summary="feature matching: max cosine to support foreground vs background cells (paper)")
 class FeatureMatching(Method):
     temperature = 0.05
+    takes_normals = True
 
     def __init__(self, fg_min: float = 0.0, chunk: int = DEFAULT_CHUNK, precision: str = "auto",
                  bg_coreset: float | int | None = None, seed: int = 0,
                  query_bg: float | None = None, query_bg_radius: int = 1, query_bg_min_k: int = 3,
                  head: float = 1.0, head_l2: float = 1e-3, head_steps: int = 60,
-                 bg_cover: float | None = None):
+                 bg_cover: float | None = None, normal_cells: int = DEFAULT_NORMAL_CELLS,
+                 normal_head: bool = False):
         self.fg_min, self.chunk, self.precision = fg_min, chunk, precision
+        if int(normal_cells) < 1:
+            raise InputError("normal_cells", f"need a positive number of normal cells, got {normal_cells!r}")
+        self.normal_cells, self.normal_head = int(normal_cells), bool(normal_head)
+        self.n_normals = self.n_normal_cells = 0
         if head < 0 or head_l2 < 0 or head_steps < 1:
             raise InputError("fm head", f"need head >= 0, head_l2 >= 0, head_steps >= 1; got {head}, {head_l2}, {head_steps}")
         self.head, self.head_l2, self.head_steps = float(head), float(head_l2), int(head_steps)
@@ -122,7 +142,10 @@ class FeatureMatching(Method):
         self.fg: torch.Tensor | None = None
         self.bg: torch.Tensor | None = None
 
-    def fit(self, supports: list[Support]) -> None:
+    def fit(self, supports: list[Support], normals: list[torch.Tensor] | None = None) -> None:
+        """The supports' fg / bg banks (and the head). ``normals``: feature grids of defect-free
+        images; their cells, reduced to at most ``normal_cells`` rows (:func:`normal_bank`), join
+        the background bank (and the head's background when ``normal_head``)."""
         fgs, bgs, fracs = [], [], []
         for s in supports:
             f = s.features.flatten(1).T          # cells x C
@@ -136,9 +159,18 @@ class FeatureMatching(Method):
         k = coreset_size(len(bg), self.bg_coreset)
         if k < len(bg):
             bg = bg[greedy_coreset(bg, k, self.seed)]
+        extra = None
+        if normals:
+            check_size_class([tuple(s.features.shape[-2:]) for s in supports], [tuple(n.shape[-2:]) for n in normals])
+            extra = normal_bank(normals, self.normal_cells, self.seed).to(bg.device, bg.dtype)
         if self.head:
-            self.head_w = fit_linear_head(fg, bg, self.head_l2, self.head_steps)
+            head_bg = torch.cat([bg, extra]) if extra is not None and self.normal_head else bg
+            self.head_w = fit_linear_head(fg, head_bg, self.head_l2, self.head_steps)
+        if extra is not None:
+            bg = torch.cat([bg, extra])
+        self.n_normals, self.n_normal_cells = len(normals or []), 0 if extra is None else len(extra)
         self.fg, self.bg = fg.contiguous(), bg.contiguous()
+        self.min_defect_cells = smallest_defect_cells(supports, self.fg_min)
         self.fg_fraction = sum(fracs) / len(fracs)
         self.dtype = matmul_dtype(self.precision, fg.device)
 
@@ -243,4 +275,6 @@ class FeatureMatching(Method):
         return {"method": self.name, "fg_cells": int(len(self.fg)) if self.fg is not None else 0,
                 "bg_cells": int(len(self.bg)) if self.bg is not None else 0,
                 "matmul": str(getattr(self, "dtype", "")).replace("torch.", ""), "head": self.head,
-                **({"bg_cover": self.bg_cover} if self.bg_cover is not None else {})}
+                **({"bg_cover": self.bg_cover} if self.bg_cover is not None else {}),
+                **({"normals": self.n_normals, "normal_cells": self.n_normal_cells}
+                   if getattr(self, "n_normals", 0) else {})}

@@ -1,6 +1,14 @@
 """The one finish path from a margin grid to a :class:`Prediction`: upsample, threshold, the post
-steps, the score map kept consistent with the refined mask, component boxes. ``predict``, the bench,
-the server and the Ray actors all end here."""
+steps, the score map kept consistent with the refined mask, component boxes, the image-level verdict.
+``predict``, the bench, the server and the Ray actors all end here.
+
+Image-level verdict (:func:`verdict`): ``defect_score`` = the largest margin of the query's grid
+above the decision threshold (> 0: some cell is matched as defect; the bench's AUROC ranks images by
+it); ``is_defective`` = the final mask has an 8-connected component of at least ``min_cells`` grid
+cells (default 1: a region as large as one cell of the grid the matching sees; smaller specks are
+upsampling slivers of a cell whose margin is just above the threshold). See docs/normals.md for the
+rules measured.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,6 +18,26 @@ import torch
 
 from ..data.preprocess import upsample_scores
 from .post import Post
+
+
+MIN_CELLS = 1.0     # is_defective: the mask has a component of at least this many grid cells
+
+
+def largest_component(mask: np.ndarray) -> int:
+    """Pixels of the largest 8-connected component of ``mask`` (0 when empty)."""
+    from scipy import ndimage
+    if not mask.any():
+        return 0
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    return int(np.bincount(lab.ravel())[1:].max()) if n else 0
+
+
+def verdict(margin_grid: np.ndarray, mask: np.ndarray, threshold: float,
+            min_cells: float = MIN_CELLS) -> tuple[float, bool, float]:
+    """-> (defect_score, is_defective, largest component in grid cells) of one prediction (rule above)."""
+    score = float(margin_grid.max()) - threshold if margin_grid.size else float("-inf")
+    cells = largest_component(mask) * margin_grid.size / mask.size if mask.size else 0.0
+    return score, bool(cells >= min_cells and cells > 0), float(cells)
 
 
 def connected_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
@@ -36,6 +64,14 @@ class Prediction:
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     image: np.ndarray | None = field(default=None, repr=False)   # the query as loaded (RGB), if decoded
     query_size: tuple[int, int] | None = None                     # the query's own (H, W)
+    defect_score: float = 0.0        # image-level: largest grid margin above the threshold (> 0: a defect cell)
+    is_defective: bool = False       # image-level verdict: a mask component of >= min_cells grid cells
+    largest_cells: float = 0.0       # the largest mask component, in grid cells
+
+    @property
+    def verdict(self) -> str:
+        """``"defective"`` or ``"ok"`` (:attr:`is_defective`)."""
+        return "defective" if self.is_defective else "ok"
 
     @property
     def defect_fraction(self) -> float:
@@ -47,9 +83,10 @@ class Prediction:
 
 
 def finish(margin: torch.Tensor, size: tuple[int, int], post: Post, temperature: float, *,
-           image: np.ndarray | None = None, source: str = "", query_size: tuple[int, int] | None = None) -> Prediction:
+           image: np.ndarray | None = None, source: str = "", query_size: tuple[int, int] | None = None,
+           min_cells: float = MIN_CELLS) -> Prediction:
     """``margin`` (gh x gw) -> :class:`Prediction` of ``size`` (H, W). ``image`` (the query, RGB at any
-    size) is needed when ``post.refines``."""
+    size) is needed when ``post.refines``. ``min_cells``: the verdict's smallest defect (grid cells)."""
     full = upsample_scores(margin.float(), size)
     t = post.threshold
     score = torch.sigmoid((full - t) / temperature).cpu().numpy()
@@ -60,5 +97,7 @@ def finish(margin: torch.Tensor, size: tuple[int, int], post: Post, temperature:
         mask = post.refine(image, mask)
         # keep the score map consistent with the refined mask (0.5 = decision boundary)
         score = np.where(mask, np.maximum(score, 0.5 + 1e-3), np.minimum(score, 0.5 - 1e-3))
-    return Prediction(mask, score.astype(np.float32, copy=False), margin.float().cpu().numpy(), source,
-                      connected_boxes(mask), image, tuple(query_size or size))
+    grid = margin.float().cpu().numpy()
+    d_score, defective, cells = verdict(grid, mask, t, min_cells)
+    return Prediction(mask, score.astype(np.float32, copy=False), grid, source,
+                      connected_boxes(mask), image, tuple(query_size or size), d_score, defective, cells)

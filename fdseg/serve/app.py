@@ -105,6 +105,8 @@ _KEEP_DOC = {"keep": ("boolean", "keep the mask, score map and overlay for resul
 _SUPPORT_DOC = {"support": ("files", "support images, 1..5, repeat the field"),
                 "mask": ("files", "one defect mask per support, same order and size (non-zero = defect)")}
 _QUERY_DOC = {"query": ("files", "query images, repeat the field")}
+_NORMAL_DOC = {"normal": ("files", "optional defect-free (OK) images of the same product, repeat the field: "
+                                   "their cells join the background, which lowers false alarms")}
 
 
 def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -153,7 +155,8 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
         return _error(e.status_code, None, str(e.detail))
 
     # -- reading a multipart request ---------------------------------------------------------
-    async def read_form(request: Request, max_files: int, allowed: tuple[str, ...] = ("support", "mask", "query")
+    async def read_form(request: Request, max_files: int,
+                        allowed: tuple[str, ...] = ("support", "mask", "query", "normal")
                         ) -> tuple[dict[str, list[Upload]], dict[str, str]]:
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -210,7 +213,7 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
             raise UploadError("mask_format", f"must be one of {', '.join(MASK_FORMATS)}, got {fmt!r}")
         return fmt, _flag(text, "overlay", False)
 
-    max_all = 2 * config.max_supports + config.max_queries
+    max_all = 2 * config.max_supports + config.max_queries + config.max_normals
 
     # -- the page ------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -231,11 +234,12 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
         return {**opts, "defaults": asdict(config.defaults),
                 "limits": {"max_request_bytes": config.max_request_bytes, "max_file_bytes": config.max_file_bytes,
                            "max_pixels": config.max_pixels, "max_supports": config.max_supports,
+                           "max_normals": config.max_normals,
                            "max_queries": config.max_queries},
                 "saving": config.sessions_dir is not None}
 
     @app.post("/v1/segment", tags=["segment"], summary="fit on the supports and segment the queries in one call",
-              openapi_extra=_multipart_doc({**_SUPPORT_DOC, **_QUERY_DOC, **_SETTINGS_DOC, **_OUTPUT_DOC},
+              openapi_extra=_multipart_doc({**_SUPPORT_DOC, **_NORMAL_DOC, **_QUERY_DOC, **_SETTINGS_DOC, **_OUTPUT_DOC},
                                            ["support", "mask", "query"]))
     async def segment_once(request: Request):
         files, text = await read_form(request, max_all)
@@ -247,19 +251,19 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
             raise UploadError("query", "send at least one query image (field 'query')")
 
         def work():
-            session = engine.fit(settings, pairs)
+            session = engine.fit(settings, pairs, files.get("normal", []))
             return engine.segment(session, queries, mask_format=fmt, want_overlay=want_overlay)
         results = await engine.run(work)
         return {"settings": asdict(settings), "results": results}
 
     @app.post("/v1/sessions", tags=["sessions"], status_code=201,
               summary="fit the supports once; returns a session id to segment queries against",
-              openapi_extra=_multipart_doc({**_SUPPORT_DOC, **_SETTINGS_DOC}, ["support", "mask"]))
+              openapi_extra=_multipart_doc({**_SUPPORT_DOC, **_NORMAL_DOC, **_SETTINGS_DOC}, ["support", "mask"]))
     async def create_session(request: Request):
-        files, text = await read_form(request, 2 * config.max_supports)
+        files, text = await read_form(request, 2 * config.max_supports + config.max_normals)
         settings = Settings.parse(text, config.defaults)
         pairs = support_pairs(files)
-        session = await engine.run(engine.fit, settings, pairs)
+        session = await engine.run(engine.fit, settings, pairs, files.get("normal", []))
         engine.add(session)
         return session.info()
 
@@ -278,7 +282,7 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
     async def session_segment(sid: str, request: Request):
         session = engine.get(sid)
         files, text = await read_form(request, config.max_queries)
-        if files.get("support") or files.get("mask"):
+        if files.get("support") or files.get("mask") or files.get("normal"):
             raise UploadError("support", "this session is already fitted: send only 'query' files "
                                          "(create a new session for other supports)")
         fmt, want_overlay = output_opts(text)

@@ -163,6 +163,7 @@ class ServeConfig:
     max_file_bytes: int = 32 << 20          # one uploaded file
     max_pixels: int = 40_000_000            # one image (checked from the header, before decoding)
     max_supports: int = 5
+    max_normals: int = 200                  # defect-free ("OK") images per fit
     max_queries: int = 32                   # per request
     max_sessions: int = 16                  # live sessions kept (least recently used dropped)
     max_results: int = 1000                 # per session, for the results ZIP
@@ -192,6 +193,7 @@ class Session:
     seg: Any
     supports: list[dict]          # {"name", "image": bytes, "ext", "mask_png": bytes, "width", "height"}
     created: float = field(default_factory=time.time)
+    normals: int = 0              # defect-free images the fit used (their bytes are not kept)
     results: "OrderedDict[str, StoredResult]" = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -199,7 +201,7 @@ class Session:
         return {"id": self.id, "settings": asdict(self.settings), "created": self.created,
                 "supports": [{"index": i + 1, "name": s["name"], "width": s["width"], "height": s["height"],
                               "mask_fraction": s["mask_fraction"]} for i, s in enumerate(self.supports)],
-                "results": len(self.results),
+                "results": len(self.results), "normals": self.normals,
                 "plan": [{"step": d.step, "value": d.value, "reason": d.reason}
                          for d in getattr(self.seg, "plan", None).decisions] if getattr(self.seg, "state", None) else []}
 
@@ -265,8 +267,13 @@ class Engine:
         return self._template(s).spawn()
 
     # -- fit -----------------------------------------------------------------------------------
-    def fit(self, settings: Settings, pairs: list[tuple[Upload, Upload]]) -> Session:
-        """Decode and check the supports, fit a new segmenter on them (runs in a worker)."""
+    def fit(self, settings: Settings, pairs: list[tuple[Upload, Upload]], normals: list[Upload] | None = None) -> Session:
+        """Decode and check the supports (and the defect-free ``normals``: field 'normal'), fit a new
+        segmenter on them (runs in a worker)."""
+        normals = list(normals or [])
+        if len(normals) > self.config.max_normals:
+            raise UploadError("normal", f"{len(normals)} defect-free images sent, this server takes at most "
+                                        f"{self.config.max_normals}")
         if not pairs:
             raise UploadError("support", "send at least one support image (field 'support') with its mask "
                                          "(field 'mask')")
@@ -288,11 +295,14 @@ class Engine:
                 kept.append({"name": im.name, "image": im.data, "ext": image_format(im.data),
                              "mask_png": png_bytes(mask), "width": rgb.shape[1], "height": rgb.shape[0],
                              "mask_fraction": round(float(mask.mean()), 6)})
+            base = 2 * len(pairs)
+            oks = [decode_image(n, Path(tmp), base + i, max_pixels=self.config.max_pixels, min_size=seg.min_size)
+                   for i, n in enumerate(normals)]
         try:
-            seg.fit(rgbs, masks)
+            seg.fit(rgbs, masks, normals=oks or None)
         except InputError as e:
-            raise UploadError(e.source, e.problem) from None
-        return Session(secrets.token_hex(8), settings, seg, kept)
+            raise UploadError(_upload_source(e.source, normals), e.problem) from None
+        return Session(secrets.token_hex(8), settings, seg, kept, normals=len(oks))
 
     # -- sessions ------------------------------------------------------------------------------
     def add(self, session: Session) -> Session:
@@ -338,7 +348,8 @@ class Engine:
             pred = seg.predict(rgb)
             row = _row(q.name, Path(q.name), pred)
             res = {"index": i, "name": q.name, **{k: row[k] for k in ("width", "height", "defect_fraction",
-                                                                       "components", "boxes", "max_score")}}
+                                                                       "components", "boxes", "max_score",
+                                                                       "verdict", "defect_score")}}
             mask_png = png_bytes(pred.mask) if (mask_format == "png" or store) else b""
             if mask_format == "png":
                 res["mask"] = {"format": "png", "data": b64(mask_png)}
@@ -450,6 +461,14 @@ class Engine:
         return settings, pairs
 
 
+def _upload_source(source, normals: list[Upload]):
+    """An error's source, with ``normal image N`` (the library's name for the N-th array) -> that upload's label."""
+    m = re.fullmatch(r"normal image (\d+)", str(source or ""))
+    if m and 1 <= int(m.group(1)) <= len(normals):
+        return normals[int(m.group(1)) - 1].label
+    return source
+
+
 def _saved_summary(meta: dict) -> dict:
     return {"id": meta["id"], "title": meta.get("title", ""), "saved_at": meta["saved_at"],
             "settings": meta["settings"], "supports": len(meta["supports"])}
@@ -470,9 +489,11 @@ def _report(rows: list[dict], session: Session, sup_cards: list[str]) -> str:
             "<p class='muted'>plan: " + esc("; ".join(f"{d['step']}={d['value']} ({d['reason']})"
                                                       for d in session.info()["plan"])) + "</p>",
             "<h2>Supports</h2><div class='grid'>" + "".join(sup_cards) + "</div>",
-            "<h2>Queries</h2>" + table(["query", "file", "defect area", "components", "max score"],
-                                       [[r["query"], r["file"], f"{100 * r['defect_fraction']:.3f}%",
-                                         r["components"], r["max_score"]] for r in ok]),
+            "<h2>Queries</h2>" + table(["query", "file", "verdict", "defect score", "defect area", "components",
+                                        "max score"],
+                                       [[r["query"], r["file"], r.get("verdict", "-"), r.get("defect_score", "-"),
+                                         f"{100 * r['defect_fraction']:.3f}%", r["components"], r["max_score"]]
+                                        for r in ok]),
             "<h2>Overlays (most defective first)</h2><div class='grid'>" + "".join(
                 card(f"overlays/{r['query']}.jpg", f"{r['file']}: {100 * r['defect_fraction']:.3f}% defect, "
                                                    f"max score {r['max_score']}") for r in ok) + "</div>"]

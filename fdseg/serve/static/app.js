@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   supports: [],      // {id, name, blob, width, height, maskCanvas, card}
   queries: [],       // {id, name, blob, status: new|running|done|error, result, error, card, session}
+  normals: [],       // defect-free ("OK") image files sent with the fit (field 'normal')
   session: null,     // live session id on the server
   dirty: true,       // supports or settings changed since the session was fitted
   running: false,
@@ -307,7 +308,9 @@ async function fitSession() {
     fd.append("support", s.blob, s.name);
     fd.append("mask", await maskBlob(s.maskCanvas), "mask_" + (i + 1) + ".png");
   }
-  setStatus("fitting " + state.supports.length + " support(s)…");
+  for (const f of state.normals) fd.append("normal", f, f.name);
+  setStatus("fitting " + state.supports.length + " support(s)" +
+    (state.normals.length ? " and " + state.normals.length + " OK image(s)" : "") + "…");
   const info = await api("/v1/sessions", { method: "POST", body: fd });
   state.session = info.id;
   state.dirty = false;
@@ -353,8 +356,8 @@ async function runAll() {
       todo = state.queries.filter((q) => q.status === "new");   // dropped while running
     }
     const done = state.queries.filter((q) => q.status === "done");
-    const defective = done.filter((q) => q.result.defect_fraction > 0).length;
-    $("progress").textContent = done.length + " segmented, " + defective + " with defects" +
+    const defective = done.filter((q) => q.result.verdict === "defective").length;
+    $("progress").textContent = done.length + " segmented, " + defective + " judged defective" +
       (state.queries.length - done.length ? ", " + (state.queries.length - done.length) + " failed" : "");
     setStatus("ready");
   } catch (e) {
@@ -391,16 +394,21 @@ function renderQuery(q) {
   title.textContent = q.name;
   if (q.status === "done") {
     const r = q.result;
-    c.classList.add(r.defect_fraction > 0 ? "defective" : "clean");
+    c.classList.add(r.verdict === "defective" ? "defective" : "clean");
     c.dataset.defectFraction = r.defect_fraction;
+    c.dataset.verdict = r.verdict;
     const img = document.createElement("img");
     img.className = "overlay";
     img.alt = "mask overlay of " + q.name;
     img.src = "data:image/jpeg;base64," + r.overlay_jpeg;
     const meta = document.createElement("div");
     meta.className = "meta";
-    meta.innerHTML = "<span class='area'></span> defect area · score <span class='score'></span> · " +
-      "<span class='components'></span> region(s)";
+    meta.innerHTML = "<span class='verdict'></span> · <span class='area'></span> defect area · score " +
+      "<span class='score'></span> · <span class='components'></span> region(s)";
+    const v = meta.querySelector(".verdict");
+    v.textContent = r.verdict === "defective" ? "defective" : "OK";
+    v.classList.add(r.verdict === "defective" ? "defective" : "ok");
+    v.title = "defect score " + r.defect_score.toFixed(3) + " (largest margin above the threshold)";
     meta.querySelector(".area").textContent = (100 * r.defect_fraction).toFixed(3) + "%";
     meta.querySelector(".score").textContent = r.max_score.toFixed(3);
     meta.querySelector(".components").textContent = r.components;
@@ -419,7 +427,7 @@ function renderQuery(q) {
 }
 
 function sortResults() {
-  const rank = (q) => q.status === "done" ? [0, -q.result.defect_fraction] :
+  const rank = (q) => q.status === "done" ? [q.result.verdict === "defective" ? 0 : 0.5, -q.result.defect_fraction] :
     q.status === "error" ? [2, 0] : [1, 0];
   const sorted = [...state.queries].sort((a, b) => {
     const ra = rank(a), rb = rank(b);
@@ -438,6 +446,14 @@ function updateButtons() {
   if (state.dirty && state.queries.some((q) => q.status === "done")) {
     $("progress").textContent = "supports or settings changed: press segment to update the results";
   }
+}
+
+// ---------------------------------------------------------------- OK images
+function setNormals(files) {
+  state.normals = files;
+  $("normal-count").textContent = files.length ? files.length + " OK image(s)" : "no OK images";
+  $("normal-clear").hidden = !files.length;
+  markDirty();
 }
 
 // ---------------------------------------------------------------- saved sessions
@@ -489,7 +505,7 @@ async function openSaved() {
       await addSupport(img, s.name, mask);
     }
     state.session = info.id;
-    state.dirty = false;
+    state.dirty = state.normals.length > 0;   // saved sessions keep no OK images: refit with these on segment
     $("session-info").textContent = "session " + info.id + " (opened from " + id + ")";
     setStatus("session " + id + " opened");
     updateButtons();
@@ -516,6 +532,20 @@ function init() {
     ev.preventDefault();
     dz.classList.remove("over");
     addQueries([...ev.dataTransfer.files].filter((f) => f.type.startsWith("image/") || /\.tiff?$/i.test(f.name)));
+  });
+  const isImage = (f) => f.type.startsWith("image/") || /\.tiff?$/i.test(f.name);
+  $("normal-input").addEventListener("change", (ev) => {
+    setNormals([...state.normals, ...ev.target.files]);
+    ev.target.value = "";
+  });
+  $("normal-clear").addEventListener("click", () => setNormals([]));
+  const nz = $("normal-dropzone");
+  nz.addEventListener("dragover", (ev) => { ev.preventDefault(); nz.classList.add("over"); });
+  nz.addEventListener("dragleave", () => nz.classList.remove("over"));
+  nz.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    nz.classList.remove("over");
+    setNormals([...state.normals, ...[...ev.dataTransfer.files].filter(isImage)]);
   });
   $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
   for (const id of SETTING_IDS) $(id).addEventListener("change", markDirty);

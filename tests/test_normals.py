@@ -1,0 +1,302 @@
+"""Defect-free images ("normals") as background, the image-level verdict and AUROC.
+
+Real images: the demo's blowhole supports, the distillation pool's defect-free magnetic tiles
+(``shared/data/distill``) as normals and as OK queries (never the same files)."""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fdseg
+from fdseg.errors import InputError
+from fdseg.methods.normal_bank import DEFAULT_BUDGET, POOL, candidate_cells, check_size_class, normal_bank
+from fdseg.metrics import auroc, dataset_scores
+from fdseg.normals import NormalPool, bench_pools, collect_normals, evenly, group_matches
+from fdseg.pipeline.finish import largest_component, verdict
+
+
+def _unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=0)
+
+
+# -- the normal bank: bounded, remembered, size classes (synthetic) --------------------------------
+
+def test_normal_bank_is_bounded_by_the_budget_and_keeps_small_sets_whole():
+    small = [_unit(8, 4, 4, seed=i) for i in range(3)]                 # 48 cells < budget
+    assert normal_bank(small, budget=64).shape == (48, 8)
+    many = [_unit(8, 16, 16, seed=i) for i in range(20)]               # 5120 cells
+    bank = normal_bank(many, budget=100)
+    assert bank.shape == (100, 8)
+    assert normal_bank(many, budget=100) is bank                       # the same normals: reduced once
+    assert normal_bank(many[:-1], budget=100) is not bank
+    cand = candidate_cells(many, POOL * 100)
+    assert abs(len(cand) - POOL * 100) <= len(many)                     # each image its share, rounded
+    assert DEFAULT_BUDGET == 4096
+
+
+def test_greedy_normal_bank_covers_rare_cells():
+    """A rare appearance in one normal (the kind that gives false alarms) is kept in the bank."""
+    common = torch.nn.functional.normalize(torch.ones(8, 1, 1) + 0.01 * torch.randn(8, 16, 16), dim=0)
+    rare = common.clone()
+    rare[:, 3, 3] = torch.nn.functional.normalize(torch.tensor([1.0, -1, 1, -1, 1, -1, 1, -1]), dim=0)
+    bank = normal_bank([common] * 9 + [rare], budget=16)
+    assert float((bank @ rare[:, 3, 3]).max()) > 0.999
+
+
+def test_size_class_rejects_a_strip_and_another_scale_naming_the_normal():
+    check_size_class([(64, 64)], [(64, 48), (48, 64), (64, 64)])             # same scale, any aspect below 4:1
+    with pytest.raises(InputError, match="normal image 2.*size class.*a strip"):
+        check_size_class([(64, 64)], [(64, 64), (16, 256)])
+    with pytest.raises(InputError, match="normal image 1.*64x43"):          # at zoom 1 while supports zoomed
+        check_size_class([(128, 85)], [(64, 43)])
+
+
+# -- AUROC and the verdict rule (known answers) -----------------------------------------------------
+
+def test_auroc_known_answers():
+    assert auroc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+    assert auroc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75             # 3 of 4 pairs ordered
+    assert auroc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5                        # ties count one half
+    assert auroc([1, 2, 2, 3], [0, 1, 0, 1]) == pytest.approx(0.875)       # (1 + 0.5 + 1 + 1) / 4
+    assert auroc([1, 2], [1, 1]) is None
+    with pytest.raises(ValueError):
+        auroc([1, 2, 3], [0, 1])
+
+
+def test_dataset_scores_image_level():
+    eps = [{"cls": "a", "tp": 5, "fp": 0, "fn": 0, "tn": 95, "defect_score": 0.3, "is_defective": True},
+           {"cls": "a", "tp": 0, "fp": 0, "fn": 5, "tn": 95, "defect_score": -0.1, "is_defective": False},
+           {"cls": "a", "defect_free": True, "tp": 0, "fp": 2, "fn": 0, "tn": 98, "defect_score": 0.1,
+            "is_defective": True},
+           {"cls": "a", "defect_free": True, "tp": 0, "fp": 0, "fn": 0, "tn": 100, "defect_score": -0.2,
+            "is_defective": False}]
+    s = dataset_scores("d", ["a"], eps)
+    assert s.auroc == 0.75 and s.ok_flagged == 0.5 and s.defect_flagged == 0.5 and s.defect_free == 2
+    assert dataset_scores("d", ["a"], eps[:2]).auroc is None                 # no OK query: no AUROC
+
+
+def test_verdict_rule_on_a_known_mask():
+    grid = np.full((4, 4), -0.3, np.float32)
+    grid[1, 1] = 0.2
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 10:20] = True                       # 100 px = 100 * 16 / 4096 = 0.39 cells: a speck
+    score, bad, cells = verdict(grid, mask, threshold=-0.05)
+    assert score == pytest.approx(0.25) and not bad and cells == pytest.approx(100 * 16 / 4096)
+    mask[30:50, 30:50] = True                       # 400 px = 1.56 cells
+    assert largest_component(mask) == 400
+    assert verdict(grid, mask, 0.0)[1] and not verdict(grid, mask, 0.0, min_cells=2)[1]
+    assert not verdict(grid, np.zeros_like(mask), 0.0)[1]
+
+
+# -- pools: which normals go with which class; OK queries never among normals -----------------------
+
+def test_group_matching_rule():
+    assert group_matches("magnetic_tile", "magnetic_tile", "blowhole")
+    assert group_matches("visa_capsules", "visa", "capsules")
+    assert group_matches("visa_macaroni1", "visa", "macaroni1_small_cracks")
+    assert not group_matches("visa_macaroni1", "visa", "capsules")
+    assert group_matches("visa/capsules", "visa", "capsules") and group_matches("", "x", "y")
+    assert not group_matches("bsdata", "sd_saliency_900", "inclusion")
+
+
+def test_folder_layouts(tmp_path):
+    for rel in ("ds/cls/a.png", "ds/cls/b.png", "ds/c.png", "flat.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / rel)
+    pool = NormalPool.scan(tmp_path)
+    assert [p.name for p in pool.files("ds", "cls")] == ["a.png", "b.png"]     # the longest group wins
+    assert [p.name for p in pool.files("ds", "other")] == ["c.png"]
+    assert [p.name for p in pool.files("zz", "q")] == ["flat.png"]
+    assert [p.name for p in collect_normals([tmp_path / "ds" / "cls", tmp_path / "flat.png"])] == \
+        ["a.png", "b.png", "flat.png"]
+    with pytest.raises(InputError, match="does not exist"):
+        collect_normals([tmp_path / "nope"])
+    with pytest.raises(InputError, match="no image files"):
+        (tmp_path / "empty").mkdir()
+        collect_normals([tmp_path / "empty"])
+    assert evenly(list(range(10)), 3) == [0, 4, 9] and evenly([1, 2], 5) == [1, 2]
+
+
+@pytest.mark.data
+def test_distill_pool_maps_to_the_defect_classes_and_keeps_ok_queries_out(defects_root, distill_root, tmp_path):
+    from fdseg.data.layouts import scan
+    pool = NormalPool.scan(distill_root)
+    assert {g: len(v) for g, v in pool.groups.items()} == {"bsdata": 355, "magnetic_tile": 937,
+                                                           "visa_capsules": 400, "visa_macaroni1": 400}
+    assert pool.group_for("visa", "macaroni1_small_cracks") == "visa_macaroni1"
+    assert pool.group_for("bsdata", "pitting") == "bsdata" and pool.group_for("crackforest", "crack") is None
+    cat = scan(defects_root).subset(classes=["blowhole", "pitting", "crack"], max_per_class=2)
+    normals, oks = bench_pools(cat, distill_root, 6, distill_root, 3, tmp_path / "cache")
+    assert set(normals) == set(oks) == {("magnetic_tile", "blowhole"), ("magnetic_tile", "crack"),
+                                        ("bsdata", "pitting")}                   # crackforest: none
+    for key in normals:
+        assert len(normals[key]) == 6 and len(oks[key]) == 3
+        src = lambda p: p.name.split("_1130x460")[0].split("_1540x645")[0]   # noqa: E731 (restored copies)
+        assert not {src(p) for p in normals[key]} & {src(p) for p in oks[key]}
+    # bsdata's pool copies (512 px) are restored to the source size, the scale of the defect images
+    with Image.open(normals[("bsdata", "pitting")][0]) as im:
+        assert im.size in ((1130, 460), (1540, 645))
+
+
+# -- the segmenter with normals on real images ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mt(demo, distill_root):
+    """(support image, mask), 12 OK queries and 60 normals (disjoint) of the magnetic-tile pool."""
+    files = NormalPool.scan(distill_root).files("magnetic_tile", "blowhole")
+    oks = evenly(files, 12)
+    rest = [p for p in files if p not in set(oks)]
+    return demo.supports[0], oks, rest[:60]
+
+
+@pytest.mark.data
+def test_normals_grow_the_bank_then_it_is_bounded_and_margins_drop(mt):
+    torch.set_num_threads(1)
+    (s_img, s_mask), oks, normals = mt
+    seg = fdseg.FewShotSegmenter(preset="fast", cache_size=128)
+    seg.fit([s_img], [s_mask])
+    bg0 = seg.method.describe()["bg_cells"]
+    plain = [seg.margins(q)[0] for q in oks[:4]]
+    cells = seg.margins(normals[0])[0].numel()               # the normal's grid, as a query's
+    seg.fit([s_img], [s_mask], normals=normals[:1])          # one normal: all of its cells
+    assert seg.method.describe()["bg_cells"] == bg0 + cells and seg.method.describe()["normals"] == 1
+    seg.fit([s_img], [s_mask], normals=normals[:2])
+    assert seg.method.describe()["bg_cells"] == bg0 + DEFAULT_BUDGET      # 8192 cells -> the budget
+    seg.fit([s_img], [s_mask], normals=normals)
+    d = seg.method.describe()
+    assert d["bg_cells"] == bg0 + DEFAULT_BUDGET and d["normals"] == 60 and d["normal_cells"] == DEFAULT_BUDGET
+    with_normals = [seg.margins(q)[0] for q in oks[:4]]
+    for a, b in zip(plain, with_normals):
+        assert (b <= a + 0.01).all()                         # more background evidence: no margin rises (bf16)
+        assert float(b.mean()) < float(a.mean()) - 0.005    # and on a normal-like query they drop
+    seg.fit([s_img], [s_mask], normals=[])                   # zero normals: as without
+    assert seg.method.describe()["bg_cells"] == bg0
+    assert all(torch.equal(seg.margins(q)[0], m) for q, m in zip(oks[:2], plain))
+
+
+@pytest.mark.data
+def test_verdicts_on_defect_free_queries_are_mostly_ok(mt, demo):
+    (s_img, s_mask), oks, normals = mt
+    seg = fdseg.FewShotSegmenter(cache_size=128).fit([s_img], [s_mask])
+    free = seg.predict(list(oks))
+    assert sum(p.is_defective for p in free) <= 4, [p.defect_score for p in free]       # measured 3 of 12
+    bad = seg.predict([q for q, _ in demo.queries])
+    assert sum(p.is_defective for p in bad) >= 3                                        # measured 4 of 6
+    scores = [p.defect_score for p in bad] + [p.defect_score for p in free]
+    assert auroc(scores, [1] * len(bad) + [0] * len(free)) >= 0.75
+    for p in free + bad:
+        assert p.is_defective == (p.largest_cells >= 1) and p.verdict in ("ok", "defective")
+        assert (p.defect_score > 0) or not p.mask.any()      # a predicted pixel needs a margin above the threshold
+
+
+@pytest.mark.data
+def test_bad_normals_name_the_file(mt, tmp_path):
+    (s_img, s_mask), _, normals = mt
+    seg = fdseg.FewShotSegmenter(preset="fast")
+    broken = tmp_path / "broken_ok.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(InputError, match="broken_ok.png"):
+        seg.fit([s_img], [s_mask], normals=[normals[0], broken])
+    strip = np.full((256, 4096, 3), 128, np.uint8)              # a line-scan strip among square tiles
+    with pytest.raises(InputError, match="normal image 2.*size class"):
+        seg.fit([s_img], [s_mask], normals=[normals[0], strip])
+    with pytest.raises(InputError, match="does not use defect-free images"):
+        fdseg.FewShotSegmenter(method="proto").fit([s_img], [s_mask], normals=[normals[0]])
+
+
+# -- CLI, API ----------------------------------------------------------------------------------------------
+
+@pytest.mark.data
+def test_cli_segment_with_normals_writes_verdicts(mt, tmp_path, capsys):
+    from fdseg.cli import main
+    (s_img, s_mask), oks, normals = mt
+    ndir = tmp_path / "ok"
+    ndir.mkdir()
+    for p in normals[:5]:
+        (ndir / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    rc = main(["segment", "--support", str(s_img), str(s_mask), "--query", *map(str, oks[:3]), "--out", str(out),
+               "--normal", str(ndir), "--preset", "fast", "--no-progress", "--explain"])
+    assert rc == 0
+    err = capsys.readouterr()
+    assert "judged defective" in err.out and "normals 5" in err.err             # the plan names the normals
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["verdict"] for r in rows] and all(r["verdict"] in ("ok", "defective") for r in rows)
+    assert all(float(r["defect_score"]) == json.loads((out / "summary.json").read_text())[i]["defect_score"]
+               for i, r in enumerate(rows))
+
+
+@pytest.mark.data
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_api_takes_ok_images_and_returns_verdicts(mt, tmp_path):
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    from starlette.testclient import TestClient
+
+    from fdseg.serve import ServeConfig, create_app
+    (s_img, s_mask), oks, normals = mt
+    f = lambda field, p, name=None: (field, (name or Path(p).name, Path(p).read_bytes()))  # noqa: E731
+    with TestClient(create_app(ServeConfig(max_normals=4, sessions_dir=tmp_path)),
+                    base_url="http://127.0.0.1") as c:
+        base = [f("support", s_img), f("mask", s_mask)]
+        r = c.post("/v1/sessions", files=base + [f("normal", p) for p in normals[:3]], data={"preset": "fast"})
+        assert r.status_code == 201, r.text
+        info = r.json()
+        assert info["normals"] == 3 and any("normals 3" in str(d["reason"]) for d in info["plan"])
+        r = c.post(f"/v1/sessions/{info['id']}/segment", files=[f("query", oks[0]), f("query", oks[1])])
+        assert r.status_code == 200, r.text
+        res = r.json()["results"]
+        seg = fdseg.FewShotSegmenter(preset="fast").fit([s_img], [s_mask], normals=normals[:3])
+        for x, q in zip(res, oks[:2]):
+            p = seg.predict(q)
+            assert x["verdict"] == p.verdict and x["defect_score"] == pytest.approx(p.defect_score, abs=1e-4)
+            m = np.array(Image.open(io.BytesIO(base64.b64decode(x["mask"]["data"])))) > 0
+            assert (m == p.mask).all()
+        # bad OK images: unreadable (named), too many, another size class (named), on a fitted session
+        r = c.post("/v1/sessions", files=base + [f("normal", normals[0]), ("normal", ("junk.png", b"nope"))])
+        assert r.status_code == 400 and "junk.png" in r.json()["error"], r.text
+        r = c.post("/v1/sessions", files=base + [f("normal", p) for p in normals[:5]])
+        assert r.status_code == 400 and "at most 4" in r.json()["error"], r.text
+        buf = io.BytesIO()
+        Image.fromarray(np.full((256, 4096, 3), 128, np.uint8)).save(buf, format="PNG")
+        r = c.post("/v1/sessions", files=base + [("normal", ("strip.png", buf.getvalue()))], data={"preset": "fast"})
+        assert r.status_code == 400 and "strip.png" in r.json()["error"] and "size class" in r.json()["error"], r.text
+        r = c.post(f"/v1/sessions/{info['id']}/segment", files=[f("normal", normals[0]), f("query", oks[0])])
+        assert r.status_code == 400, r.text
+        # zero OK images: as before
+        r = c.post("/v1/segment", files=base + [f("query", oks[0])], data={"preset": "fast"})
+        assert r.status_code == 200 and r.json()["results"][0]["verdict"] in ("ok", "defective")
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_bench_with_normals_and_ok_queries_reports_auroc(defects_root, distill_root, tmp_path):
+    from fdseg.bench import BenchConfig, markdown_table, run_bench
+    torch.set_num_threads(1)
+    cfg = BenchConfig(data=defects_root, out=tmp_path / "b", shots=[1], classes=["blowhole"], max_per_class=3,
+                      gallery=0, progress=False, segmenter={"preset": "fast"}, normals=distill_root,
+                      normal_count=4, ok_queries=distill_root, ok_count=3)
+    res = run_bench(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "b" / "runs" / "fm_1shot.jsonl").read_text().splitlines()[1:]]
+    assert len(recs) == 6 and sum(r["defect_free"] for r in recs) == 3
+    assert all(r["normals"] == 4 and isinstance(r["defect_score"], float) for r in recs)
+    ok_files = {r["id"].rsplit("/", 1)[1] for r in recs if r["defect_free"]}
+    d = res["runs"][0]["datasets"][0]
+    assert d["defect_free"] == 3 and 0 <= d["auroc"] <= 1 and d["ok_flagged"] is not None
+    assert "image AUROC" in markdown_table(res)
+    # OK queries and normals never overlap (normals are not recorded per episode: recompute the split)
+    from fdseg.data.layouts import scan
+    normals, oks = bench_pools(scan(defects_root).subset(classes=["blowhole"], max_per_class=3),
+                               distill_root, 4, distill_root, 3, tmp_path / "c")
+    assert {p.name for p in oks[("magnetic_tile", "blowhole")]} == ok_files
+    assert not ok_files & {p.name for p in normals[("magnetic_tile", "blowhole")]}
