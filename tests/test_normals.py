@@ -279,7 +279,6 @@ def test_api_takes_ok_images_and_returns_verdicts(mt, tmp_path):
 
 
 @pytest.mark.data
-@pytest.mark.slow
 def test_bench_with_normals_and_ok_queries_reports_auroc(defects_root, distill_root, tmp_path):
     from fdseg.bench import BenchConfig, markdown_table, run_bench
     torch.set_num_threads(1)

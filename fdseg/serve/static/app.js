@@ -314,7 +314,7 @@ async function fitSession() {
   const info = await api("/v1/sessions", { method: "POST", body: fd });
   state.session = info.id;
   state.dirty = false;
-  $("session-info").textContent = "session " + info.id;
+  $("session-info").textContent = "session " + info.id + (info.normals ? " · " + info.normals + " OK image(s) as background" : "");
   $("session-info").title = (info.plan || []).map((d) => d.step + " = " + d.value + ": " + d.reason).join("\n");
   $("plan-info").textContent = (info.plan || []).map((d) => d.step + "=" + d.value).join(" · ");
   return info;
