@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -71,6 +73,7 @@ def instrument() -> None:
     _wrap(FeatureExtractor, "batch", "backbone")                  # nested in the two above or in _score
     _wrap(fm_mod.FeatureMatching, "score", "score")
     _wrap(fm_mod, "max_similarity", "matching")
+    _wrap(fm_mod.FeatureMatching, "score_views", "score")
     _wrap(fm_mod, "head_logits", "head")
     _wrap(fm_mod.FeatureMatching, "fit", "fm fit")
     _wrap(fm_mod, "fit_linear_head", "head fit")
@@ -126,10 +129,15 @@ def breakdown(n: int) -> dict[str, float]:
     return out
 
 
-def profile(cat, dataset: str, cls: str, shots: int, queries: int, seg_kwargs: dict) -> dict:
+def profile(cat, dataset: str, cls: str, shots: int, queries: int, seg_kwargs: dict, pruned: bool = False) -> dict:
     root = cat.root
     eps = [e for e in make_episodes(cat, shots, seed=2) if e.dataset == dataset and e.cls == cls][:queries]
     seg = FewShotSegmenter(**seg_kwargs)
+    if pruned:                     # the query's views through fm.score_views (benchmarks/presets_speed.py)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from presets_speed import with_pruning
+        with_pruning(seg)
+        _wrap(seg, "_score", "views + score")      # the instance's own _score, timed like the class's
     with fresh():
         seg.fit([root / p for p in eps[0].supports], [root / p for p in eps[0].support_masks])
         fit = breakdown(1)
@@ -179,6 +187,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                     help="fm option for the profiled segmenter (value parsed as JSON, else a string)")
+    ap.add_argument("--pruned", action="store_true",
+                    help="score the query's views with fm.score_views(..., exact_above=threshold)")
+    ap.add_argument("--preset", default=None, help="FewShotSegmenter(preset=...) (default: the default)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -195,13 +206,14 @@ def main() -> None:
     for c in args.classes:
         ds, cls = c.split("/", 1)
         for k in args.shots:
-            r = profile(cat, ds, cls, k, args.queries, {"method_options": opts} if opts else {})
+            kw = {**({"method_options": opts} if opts else {}), **({"preset": args.preset} if args.preset else {})}
+            r = profile(cat, ds, cls, k, args.queries, kw, args.pruned)
+            r["pruned"], r["preset"] = args.pruned, args.preset or "accurate"
             print(json.dumps(r), flush=True)
             res.append(r)
     print(f"\n{describe_cpu()}, torch {torch.__version__}, {args.threads} thread(s)\n")
     print(table(res))
     if args.out:
-        from pathlib import Path
         Path(args.out).write_text(json.dumps(res, indent=1))
 
 
