@@ -1,4 +1,6 @@
 """fm on real defects beats the trivial predictors, and is deterministic."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -6,7 +8,8 @@ from fdseg import FewShotSegmenter
 from fdseg.bench import run_episode
 from fdseg.data import load_mask, make_episodes, scan
 from fdseg.data.images import load_image
-from fdseg.data.preprocess import resize_mask, upsample_scores
+from fdseg.data.preprocess import resize_mask
+from fdseg.pipeline import Post, finish
 from fdseg.metrics import benchmark_mean, dataset_scores, episode_counts
 
 # a fast subset: small images from three datasets (textures), 10 images per class
@@ -22,6 +25,8 @@ SUBSET = dict(datasets=["sd_saliency_900", "magnetic_tile", "crackforest"], max_
 # BLAS / platform differences. The colour rule's self-check (min_kept) is off in none of these 90
 # episodes (their supports' defects keep >= 0.82 of their pixels), so the measurement stands.
 FLOOR = 0.410
+
+pytestmark = pytest.mark.data
 
 
 def _score(records, cat):
@@ -48,6 +53,7 @@ def subset_results(defects_root):
     return cat, eps, {k: _score(v, cat)["class_mean_miou"] for k, v in out.items()}
 
 
+@pytest.mark.slow
 def test_fm_beats_trivial_predictors(subset_results):
     _, eps, miou = subset_results
     assert len(eps) == 90
@@ -58,6 +64,7 @@ def test_fm_beats_trivial_predictors(subset_results):
     assert miou["fm"] >= FLOOR, miou
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(subset_results, defects_root):
     cat, eps, miou = subset_results
     again = make_episodes(cat, 1, seed=2)
@@ -84,6 +91,7 @@ ZOOM_SUBSET = dict(datasets=["visa"], classes=["macaroni1_different_colour_spot"
 ZOOM_FLOOR = 0.68
 
 
+@pytest.mark.slow
 def test_zoom_and_colour_defaults_on_small_defects_of_large_images(defects_root):
     cat = scan(defects_root).subset(**ZOOM_SUBSET)
     eps = make_episodes(cat, 1, seed=2)
@@ -104,14 +112,17 @@ def test_zoom_and_colour_defaults_on_small_defects_of_large_images(defects_root)
         assert seg.preprocess.zoom == 2, ep.id
         assert seg.decision_threshold == seg.threshold - seg.colour.slack < seg.threshold
         margin, _ = seg.margins(cat.root / ep.query)
-        query = load_image(cat.root / ep.query)                 # decoded once for both trims
-        before = (upsample_scores(margin, gt.shape) > seg.threshold).numpy()
-        loose = (upsample_scores(margin, gt.shape) > seg.decision_threshold).numpy()
-        after = seg.refine_mask(query, loose)
-        assert not (after & ~loose).any()                       # the colour rule only removes pixels
-        count("colour=0", ep, gt, before)
-        count("slack=0", ep, gt, seg.refine_mask(query, before))
-        count("default", ep, gt, after)
+        query = load_image(cat.root / ep.query)                 # decoded once for every variant
+        post = seg.state.post                                   # the fitted post steps, varied below
+        variants = {"default": post, "colour=0": Post(seg.threshold),
+                    "slack=0": dataclasses.replace(post, threshold=seg.threshold)}
+        masks = {k: finish(margin, gt.shape, p, seg.method.temperature, image=query).mask
+                 for k, p in variants.items()}
+        assert np.array_equal(masks["default"], seg.finish(margin, gt.shape, query).mask)
+        loose = finish(margin, gt.shape, Post(post.threshold), seg.method.temperature).mask
+        assert not (masks["default"] & ~loose).any()           # the colour rule only removes pixels
+        for k, m in masks.items():
+            count(k, ep, gt, m)
     scores = {k: _score(v, cat)["class_mean_miou"] for k, v in recs.items()}
     assert scores["default"] >= ZOOM_FLOOR, scores
     assert scores["colour=0"] > scores["zoom=1,colour=0"] + 0.05, scores      # the zoom's share
