@@ -477,12 +477,23 @@ class FewShotSegmenter:
         self._ensure_features([item])
         return self._score(item).float().cpu(), item[2]
 
-    def _score(self, item: list) -> torch.Tensor:
-        """The matcher's margin grid for one loaded query, merged with the plan's query views."""
+    def _score(self, item: list, exact: bool = True) -> torch.Tensor:
+        """The matcher's margin grid for one loaded query, merged with the plan's query views.
+
+        ``exact=False`` (predict): a method with ``score_views`` matches exactly only the cells that
+        can change the mask at this fit's threshold, and the grid's maximum (see
+        :meth:`fdseg.methods.fm.FeatureMatching.score_views`); the mask and the defect score are the
+        exact ones, the other cells' margins upper bounds below the threshold."""
         method = self.state.method
-        margin = method.score(Query(item[0], item[1]))
-        views = self.query_views
-        if views == "none" or self.extractor is None:
+        views = self.query_views if self.extractor is not None else "none"
+        q = Query(item[0], item[1])
+        if not exact and hasattr(method, "score_views"):
+            imgs = view_images(item[0], views) if views != "none" else []
+            extra = [Query(im, f) for im, f in zip(imgs, self.extractor.batch(imgs))] if imgs else []
+            flips = [[]] + [list(dims) for _, dims in (QUERY_VIEWS[views] if extra else [])]
+            return method.score_views([q] + extra, flips, exact_above=float(self.state.post.threshold))
+        margin = method.score(q)
+        if views == "none":
             return margin
         imgs = view_images(item[0], views)
         return merge_views(margin, [method.score(Query(im, f)) for im, f in zip(imgs, self.extractor.batch(imgs))],
@@ -541,7 +552,7 @@ class FewShotSegmenter:
                     if isinstance(it, BaseException):
                         yield name, it
                         continue
-                    yield name, self.finish(self._score(it), size or it[2], it[0], name, query_size=it[2])
+                    yield name, self.finish(self._score(it, exact=False), size or it[2], it[0], name, query_size=it[2])
 
     def finish(self, margin: torch.Tensor, size: tuple[int, int], image: np.ndarray | None = None,
                source: str = "", query_size: tuple[int, int] | None = None) -> Prediction:

@@ -167,3 +167,24 @@ def test_score_views_needs_one_flip_per_view():
         fm.score_views([Query(None, torch.zeros(4, 2, 2))], [[], [-1]])
     with pytest.raises(InputError):
         create_method("fm", bg_cover=1.5)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("cls", ["magnetic_tile/blowhole", "sd_saliency_900/scratches"])
+def test_predict_uses_the_pruned_search_with_the_exact_mask_and_defect_score(defects_root, cls):
+    """predict() scores through score_views(exact_above=threshold): the same mask, verdict and defect
+    score (the grid's maximum) as the exact margins of margins(); below-threshold cells are bounds."""
+    sup, mask, _ = _pair(defects_root, cls)
+    seg = FewShotSegmenter().fit([sup], [mask])
+    d = defects_root / cls / "images"
+    for q in sorted(d.iterdir())[1:4]:
+        pred = seg.predict(q)
+        exact = seg.finish(seg.margins(q)[0], pred.mask.shape, load_image(q), str(q))
+        np.testing.assert_array_equal(pred.mask, exact.mask)
+        assert pred.is_defective == exact.is_defective
+        assert pred.defect_score == pytest.approx(exact.defect_score, abs=2e-3)
+        assert (pred.margin_grid >= exact.margin_grid - 2e-3).all()       # bounds never below the exact
+    # a query with nothing above the threshold keeps an exact maximum too (an all-background bank match)
+    blank = np.full_like(sup, int(np.median(sup)))
+    pred, exact = seg.predict(blank), seg.finish(seg.margins(blank)[0], blank.shape[:2], blank)
+    assert pred.defect_score == pytest.approx(exact.defect_score, abs=2e-3)

@@ -58,6 +58,7 @@ def coreset_size(n: int, spec: float | int | None) -> int:
 
 PRUNE_STRIDE = 32       # score_views: every 32nd background cell bounds the margins of the pruned search
 PRUNE_BAND = 0.02       # score_views: cells whose bound is this close below the threshold are matched exactly
+MAX_ROUND = 32          # score_views: cells matched exactly per round while the grid's maximum is not yet exact
 
 
 def merge_flipped(margins: list[torch.Tensor], flips: list[list[int]]) -> torch.Tensor:
@@ -237,7 +238,9 @@ class FeatureMatching(Method):
         is interpolated from its 2 x 2 nearest cells) get their exact margins in every view. Every
         other pixel's upsampled bound is below the threshold, and so is its exact value: the mask
         is the exact one, and the margins of the cells kept as bounds are above their exact values
-        but below the threshold. None: every cell exact (= ``merge`` of ``score_many``)."""
+        but below the threshold. The grid's maximum is exact as well (the image-level defect score):
+        while some bound is above the best exact margin, the highest bounds are matched exactly.
+        None: every cell exact (= ``merge`` of ``score_many``)."""
         if len(queries) != len(flips):
             raise InputError("score_views", f"need one flip per query view, got {len(queries)} views and {len(flips)}")
         shapes = {tuple(q.features.shape[-2:]) for q in queries}
@@ -255,16 +258,33 @@ class FeatureMatching(Method):
         bound = (base - low).view(len(qs), h, w)
         merged = merge_flipped(list(bound), flips)
         near = F.max_pool2d((merged >= exact_above - PRUNE_BAND).float()[None, None], 3, 1, 1)[0, 0] > 0
-        if not bool(near.any()):
-            return merged
-        rows = torch.cat([torch.flip(near, dims).flatten().nonzero().flatten() + i * n
-                          for i, dims in enumerate(flips)])
-        exact_bg = max_similarity(allq[rows], bgb, self.chunk, self.dtype)
-        if self.query_bg:
-            exact_bg = torch.maximum(exact_bg, low[rows])
         flat = bound.flatten().clone()
-        flat[rows] = base[rows] - exact_bg
-        return merge_flipped(list(flat.view(len(qs), h, w)), flips)
+        done = torch.zeros_like(near)
+
+        def exact(cells: torch.Tensor) -> torch.Tensor:
+            """Exact margins (every view) for the merged-grid ``cells`` (bool h x w) -> the merged grid."""
+            rows = torch.cat([torch.flip(cells, dims).flatten().nonzero().flatten() + i * n
+                              for i, dims in enumerate(flips)])
+            exact_bg = max_similarity(allq[rows], bgb, self.chunk, self.dtype)
+            if self.query_bg:
+                exact_bg = torch.maximum(exact_bg, low[rows])
+            flat[rows] = base[rows] - exact_bg
+            done.logical_or_(cells)
+            return merge_flipped(list(flat.view(len(qs), h, w)), flips)
+
+        if bool(near.any()):
+            merged = exact(near)
+        # the grid's maximum (the image-level defect score) exact too: while a bound left is above the
+        # best exact margin, match the highest bounds exactly (best-first; usually one round)
+        while not bool(done.all()):
+            best = float(merged[done].max()) if bool(done.any()) else float("-inf")
+            left = torch.where(done, torch.full_like(merged, float("-inf")), merged)
+            if float(left.max()) <= best:
+                break
+            top = torch.zeros_like(done).flatten()
+            top[left.flatten().topk(min(MAX_ROUND, int((~done).sum()))).indices] = True
+            merged = exact(top.view(h, w))
+        return merged
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
