@@ -217,6 +217,7 @@ def _parquet_bytes(rows: list[dict]) -> bytes:
     schema = pa.schema([("query", pa.string()), ("file", pa.string()), ("width", pa.int64()),
                         ("height", pa.int64()), ("defect_fraction", pa.float64()), ("components", pa.int64()),
                         ("boxes", pa.list_(pa.list_(pa.int64()))), ("max_score", pa.float64()),
+                        ("verdict", pa.string()), ("defect_score", pa.float64()),
                         ("status", pa.string()), ("error", pa.string())])
     assert [f.name for f in schema] == FIELDS
     sink = pa.BufferOutputStream()

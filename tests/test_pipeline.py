@@ -129,7 +129,7 @@ def test_predict_and_bench_give_identical_masks(defects_root, tmp_path, shots):
         assert full.mask.shape == full.query_size == pred.query_size
     # the run key holds the resolved settings and rule constants; each record its plan
     run_bench(BenchConfig(data=defects_root, out=tmp_path, shots=[shots], datasets=["visa"],
-                          classes=["macaroni1_small_cracks"], max_per_class=2, progress=False, gallery=0))
+                          classes=["macaroni1_small_cracks"], max_per_class=shots + 1, progress=False, gallery=0))
     lines = (tmp_path / "runs" / f"fm_{shots}shot.jsonl").read_text().splitlines()
     key = json.loads(lines[0])["key"]["segmenter"]
     assert key["preset"] == "accurate" and key["below_cells"] == 2.0 and key["colour"]["tau"] == 0.3
