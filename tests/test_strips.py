@@ -144,3 +144,21 @@ def test_real_strips_of_different_lengths(defects_root):
     pred = FewShotSegmenter().fit(s_img, s_mask).predict(q_img)
     assert pred.margin_grid.shape == (32, 256) and pred.mask.shape == q_mask.shape
     assert iou(pred.mask, q_mask) > 0.3                       # measured 0.354
+
+
+def test_zoom_rule_leaves_strips_at_their_own_scale():
+    """Zoom cannot change how a strip is seen: supports that are all strips never zoom, and a strip
+    beside a large square support does not count as room to zoom into."""
+    from fdseg.pipeline.zoom import ZoomStep
+    pre = Preprocess(mode="auto", size=256)
+    tiny = np.zeros((256, 4096), bool)
+    tiny[100:103, 2000:2003] = True                           # 3 px: well under 2 cells
+    d = ZoomStep().fit([tiny], pre, 4)
+    assert d.value == 1 and "strips only" in d.reason
+    small = np.zeros((500, 500), bool)
+    small[200:203, 200:203] = True
+    d = ZoomStep().fit([tiny, small], pre, 4)          # the strip's 4096 px is not room to zoom into
+    assert d.value == 1 and "long side 500 < 1024" in d.reason
+    big = np.zeros((1200, 1200), bool)
+    big[600:603, 600:603] = True
+    assert ZoomStep().fit([tiny, big], pre, 4).value == 2             # the large square alone decides

@@ -16,14 +16,16 @@ ZOOM_ROOM = 4              # ... and some support has a long side of at least th
 
 def defect_cells(masks: list[np.ndarray], pre: Preprocess, stride: int) -> tuple[list[float], int]:
     """The side (in grid cells at zoom 1, as a square) of every 8-connected defect component of the
-    masks, and the longest image side among them."""
+    masks, and the longest image side among them (strips left out: they are seen at their own scale,
+    which zoom does not change)."""
     from scipy import ndimage
     base = dataclasses.replace(pre, zoom=1)
     sides: list[float] = []
     longest = 0
     for m in masks:
         h, w = m.shape
-        longest = max(longest, h, w)
+        if not base.is_strip(h, w):
+            longest = max(longest, h, w)
         H, W = base.input_size(h, w)
         px = base.cell(H, W, stride) * max(h, w) / max(H, W)     # image pixels per grid cell
         lab, n = ndimage.label(m, structure=np.ones((3, 3), bool))
@@ -61,6 +63,8 @@ class ZoomStep:
         sides, longest = defect_cells(masks, pre, stride)
         room = ZOOM_ROOM * pre.size
         med = float(np.median(sides)) if sides else float("inf")
+        if longest == 0 and masks:
+            return Decision("zoom", 1, "strips only: seen at their own scale (short side at the input size)")
         if longest < room:
             return Decision("zoom", 1, f"long side {longest} < {room}: no pixels to zoom into")
         if med >= ZOOM_BELOW_CELLS:
