@@ -127,8 +127,13 @@ def variants(device: str, batch_size: int, prune: bool) -> dict[str, FewShotSegm
 
 
 def paper_loop(device: str) -> FewShotSegmenter:
-    return make("paper", device=device, cache_size=0, batch_size=1, loader_threads=1,
-                method_options={"precision": "fp32"})
+    seg = make("paper", device=device, cache_size=0, batch_size=1, loader_threads=1,
+               method_options={"precision": "fp32"})
+    ex = seg.extractor
+    if getattr(ex, "channels_last", False):    # the paper's code: the default memory layout
+        ex.channels_last = False
+        ex.backbone.to(memory_format=torch.contiguous_format)
+    return seg
 
 
 def groups_for(cat, k: int, per_class: int, classes: list[str] | None) -> list[list]:
