@@ -55,4 +55,4 @@ test-sam: $(SAM_STAMP)
 	FDSEG_REQUIRE_SAM=1 $(SAM_VENV)/bin/python -m pytest -q $(SAM_TESTS)
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) demo-out bench-out .pytest_cache
+	rm -rf $(VENV) $(SAM_VENV) demo-out bench-out .pytest_cache dist build *.egg-info

@@ -27,7 +27,6 @@ from conftest import REPO, iou
 DOCS = sorted((REPO / "docs").glob("*.md"))
 # flags the README documents that the CLI is getting in the same change (issue 20: presets, --explain);
 # a command using them is checked without them until they exist, and test_pending_flags_exist says so
-PENDING = {"--preset": 1, "--explain": 0}          # flag -> number of values it takes
 
 
 def _shell_blocks(text: str) -> list[str]:
@@ -59,21 +58,6 @@ def _option_strings(p: argparse.ArgumentParser) -> set[str]:
     return {s for a in p._actions for s in a.option_strings}
 
 
-def _without_pending(argv: list[str], known: set[str]) -> tuple[list[str], list[str]]:
-    """argv with the pending flags the CLI does not have yet removed (and their values), and those flags."""
-    kept, dropped, skip = [], [], 0
-    for tok in argv:
-        if skip:
-            skip -= 1
-            continue
-        if tok in PENDING and tok not in known:
-            dropped.append(tok)
-            skip = PENDING[tok]
-            continue
-        kept.append(tok)
-    return kept, dropped
-
-
 README = (REPO / "README.md").read_text()
 README_COMMANDS = fdseg_commands(README)
 
@@ -88,21 +72,10 @@ def test_readme_shows_the_main_commands():
 @pytest.mark.parametrize("argv", README_COMMANDS, ids=[" ".join(a[:2]) for a in README_COMMANDS])
 def test_readme_command_parses(argv):
     parser = build_parser()
-    known = _option_strings(_subparsers(parser)[argv[0]])
-    args, _ = _without_pending(argv, known)
     try:
-        parser.parse_args(args)
+        parser.parse_args(argv)
     except SystemExit as e:                                       # argparse reports on stderr and exits 2
         pytest.fail(f"README command does not parse: fdseg {' '.join(argv)} (exit {e.code})")
-
-
-def test_pending_flags_exist():
-    """The README documents --preset and --explain; this fails (xfail) until the CLI has them."""
-    subs = _subparsers(build_parser())
-    used = {(argv[0], tok) for argv in README_COMMANDS for tok in argv if tok in PENDING}
-    missing = sorted(f"fdseg {sub} {flag}" for sub, flag in used if flag not in _option_strings(subs[sub]))
-    if missing:
-        pytest.xfail(f"documented, not in the CLI yet: {missing}")
 
 
 @pytest.mark.parametrize("path", [p for p in DOCS + [REPO / "BENCHMARKS.md"]], ids=lambda p: p.name)
@@ -117,7 +90,7 @@ def test_docs_commands_name_real_flags(path):
         known = _option_strings(subs[argv[0]])
         for tok in argv[1:]:
             flag = tok.strip("[]").split("=", 1)[0]
-            if flag.startswith("--") and flag not in known and flag not in PENDING:
+            if flag.startswith("--") and flag not in known:
                 bad.append(f"fdseg {argv[0]} {flag}")
     assert not bad, f"{path.name}: {bad}"
 

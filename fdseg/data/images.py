@@ -1,6 +1,6 @@
 """Reading images and masks: any PIL mode in, RGB uint8 / boolean masks out.
 
-Rules (documented in the README):
+Rules (documented in docs/input-rules.md):
 
 * Images of every PIL mode become HxWx3 uint8 RGB.  Alpha is dropped (LA, RGBA,
   PA), palettes are expanded (P), 16/32-bit grey (I;16, I, F) is scaled to 8 bit
