@@ -1,7 +1,10 @@
 """An LRU cache of feature grids for image files, so a file used again (a support in
 many benchmark episodes, the same reference image in several runs) is not decoded
 and passed through the backbone again. Keyed by the file's resolved path, size and
-modification time: an edited file is a new entry."""
+modification time: an edited file is a new entry.
+
+Bounded by a number of grids and by their bytes (``MAX_BYTES``): a zoomed grid is ~6.5 MB, so 192 of
+them would hold 1.25 GB; the byte bound keeps a bench of zoomed classes inside its memory budget."""
 from __future__ import annotations
 
 import os
@@ -21,9 +24,17 @@ def file_key(path: str | Path) -> tuple | None:
     return (str(p), st.st_size, st.st_mtime_ns)
 
 
+MAX_BYTES = 512 * 2**20     # feature bytes kept at most (least recently used dropped first)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class FeatureCache:
-    def __init__(self, max_items: int):
-        self.max_items = max_items
+    def __init__(self, max_items: int, max_bytes: int = MAX_BYTES):
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.nbytes = 0
         self._d: OrderedDict[tuple, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -43,18 +54,24 @@ class FeatureCache:
     def put(self, key: tuple | None, features: torch.Tensor, size: tuple[int, int]) -> None:
         if key is None or self.max_items <= 0:
             return
+        if _nbytes(features) > self.max_bytes:
+            return
         with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self.nbytes -= _nbytes(old[0])
             self._d[key] = (features, size)
-            self._d.move_to_end(key)
-            while len(self._d) > self.max_items:
-                self._d.popitem(last=False)
+            self.nbytes += _nbytes(features)
+            while len(self._d) > self.max_items or self.nbytes > self.max_bytes:
+                _, (f, _) = self._d.popitem(last=False)
+                self.nbytes -= _nbytes(f)
 
     def __getstate__(self):
         # shipped to another process (Ray actors, pickling): the size travels, not the entries or lock
-        return {"max_items": self.max_items}
+        return {"max_items": self.max_items, "max_bytes": self.max_bytes}
 
     def __setstate__(self, state):
-        self.__init__(state["max_items"])
+        self.__init__(state["max_items"], state.get("max_bytes", MAX_BYTES))
 
     def __len__(self) -> int:
         return len(self._d)
