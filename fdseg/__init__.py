@@ -5,6 +5,14 @@
     seg.fit(support_images, support_masks)
     pred = seg.predict(query_image)      # pred.mask, pred.score, pred.boxes
 """
+import os
+
+# oneDNN keeps a compiled kernel per matmul / convolution shape (1024 by default). The pruned matching
+# multiplies a different number of rows for every query, so a long run filled that cache by ~4 MB per
+# query (a 5-shot bench: +1 GB per 300 episodes); 64 shapes hold the fixed-shape blocks. Read by oneDNN
+# when it first runs, so it holds even where torch was imported before fdseg; a value set by the user wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+
 from .backbones import create_backbone, list_backbones, register_backbone
 from .errors import FdsegError, InputError, MissingExtraError
 from .methods import create_method, list_methods, register_method
