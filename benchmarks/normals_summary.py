@@ -23,9 +23,9 @@ RULES = {
 }
 
 
-def records(run: Path) -> list[dict]:
+def records(run: Path, pattern: str = "*.jsonl") -> list[dict]:
     out = []
-    for f in sorted((run / "runs").glob("*.jsonl")):
+    for f in sorted((run / "runs").glob(pattern)):
         for ln in f.read_text().splitlines()[1:]:
             r = json.loads(ln)
             if "error" not in r:
@@ -37,9 +37,12 @@ def main(runs: list[str]) -> None:
     print("| run | dataset | mIoU | FA px % on OK | OK judged defective % | image AUROC | episodes (OK) |")
     print("|---|---|---|---|---|---|---|")
     allrecs = []
-    for run in map(Path, runs):
-        recs = records(run)
-        allrecs += [dict(r, run=run.name) for r in recs]
+    parts = [(run, f, f"{run.name} {f.stem.rsplit('_', 1)[-1]}") for run in map(Path, runs)
+             for f in sorted((run / "runs").glob("*.jsonl"))]
+    for run, f, label in parts:                 # one row group per run and shot count
+        recs = records(run, f.name)
+        run = Path(label)
+        allrecs += [dict(r, run=label) for r in recs]
         by: dict[str, list[dict]] = {}
         for r in recs:
             by.setdefault(r["dataset"], []).append(r)
