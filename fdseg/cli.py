@@ -24,12 +24,13 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
                         "image, no zoom; paper = the paper's rule. The flags marked (preset) override it")
     g.add_argument("--size", type=int, default=256, help="network input size / tile size (default: 256)")
     g.add_argument("--resize", default=None, choices=["resize", "aspect", "tile", "auto"],
-                   help="(preset) auto (default): images with a long side >= 2 x size are seen aspect-kept at 2 x size with a "
-                        "2 x coarser cell, others as resize; resize: squeeze to size x size (the paper); aspect: keep aspect, long side = size; "
+                   help="(preset) auto (default): strips (aspect >= 4:1, e.g. line-scan) are seen aspect-kept with their short "
+                        "side at size (long side at most 16 x size), other images with a long side >= 2 x size aspect-kept at "
+                        "2 x size, both with a 2 x coarser cell, the rest as resize; resize: squeeze to size x size (the paper); aspect: keep aspect, long side = size; "
                         "tile: native resolution x --tile-scale in size x size tiles")
     g.add_argument("--zoom", default=None, choices=["auto", "1", "2"],
                    help="(preset) auto (default): with --resize auto, images with a long side >= 4 x size are seen at 4 x size "
-                        "(twice the grid) when the supports' defects are under 2 grid cells across; 1: never; 2: always")
+                        "(twice the grid) when the supports' defects are under 2 grid cells across (strips never zoom); 1: never; 2: always")
     g.add_argument("--tile-scale", type=float, default=1.0, help="image scale in tile mode (default 1 = native)")
     g.add_argument("--feature-stride", type=int, default=4, help="feature grid cell in input pixels (default 4)")
     g.add_argument("--local-avg", type=int, default=1, help="k x k local feature averaging (default 1 = off)")
@@ -56,7 +57,8 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
     g.add_argument("--batch-size", type=int, default=4, help="queries per backbone batch (default 4)")
     g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="method setting, repeatable; fm: precision=auto|fp32|bf16, bg_coreset=0.25 "
-                        "(fraction or count of background cells kept), fg_min=0")
+                        "(fraction or count of background cells kept), fg_min=0, normal_cells=4096 (defect-free cells kept, "
+                        "with --normal), normal_head=true")
     r = p.add_argument_group("refinement and segment-anything (fastsam / sam2 need fdseg[sam])")
     r.add_argument("--refine", default=None, metavar="NAME",
                    help="refine each mask with a region proposer: superpixel (offline), fastsam, sam2_auto")

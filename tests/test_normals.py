@@ -163,7 +163,9 @@ def mt(demo, distill_root):
 def test_normals_grow_the_bank_then_it_is_bounded_and_margins_drop(mt):
     torch.set_num_threads(1)
     (s_img, s_mask), oks, normals = mt
-    seg = fdseg.FewShotSegmenter(preset="fast", cache_size=128)
+    # the head kept on the supports' cells (normal_head=False): the margins can only drop; the default
+    # (the normals also in the head's background) is checked at the end
+    seg = fdseg.FewShotSegmenter(preset="fast", cache_size=128, method_options={"normal_head": False})
     seg.fit([s_img], [s_mask])
     bg0 = seg.method.describe()["bg_cells"]
     plain = [seg.margins(q)[0] for q in oks[:4]]
@@ -182,6 +184,10 @@ def test_normals_grow_the_bank_then_it_is_bounded_and_margins_drop(mt):
     seg.fit([s_img], [s_mask], normals=[])                   # zero normals: as without
     assert seg.method.describe()["bg_cells"] == bg0
     assert all(torch.equal(seg.margins(q)[0], m) for q, m in zip(oks[:2], plain))
+    default = fdseg.FewShotSegmenter(preset="fast", cache_size=128).fit([s_img], [s_mask], normals=normals)
+    assert default.method.normal_head
+    for q, a in zip(oks[:4], plain):
+        assert float(default.margins(q)[0].mean()) < float(a.mean()) - 0.005
 
 
 @pytest.mark.data

@@ -26,6 +26,11 @@ bounded vote to the margin: ``margin + head * 0.1 * tanh(logit / 4)``. It learns
 separate this defect from this background, which plain cosine weighs equally; ``head=0`` is the
 paper's rule. See BENCHMARKS.md (accuracy section) for what it adds.
 
+Beyond the paper (``normals``, :mod:`fdseg.methods.normal_bank`): defect-free images of the product
+given to ``fit`` join the background bank, reduced to at most ``normal_cells`` (4096) cells by greedy
+k-center, so the matching cost stays fixed however many are given; with ``normal_head`` (default) they
+also join the linear head's background. docs/normals.md has what they change.
+
 Beyond the paper (``query_bg``): the query's own cells join the background evidence.
 A cell's background score becomes the larger of its best support-background cosine and
 its k-th best cosine to the query's other cells (more than ``query_bg_radius`` cells
@@ -124,7 +129,7 @@ class FeatureMatching(Method):
                  query_bg: float | None = None, query_bg_radius: int = 1, query_bg_min_k: int = 3,
                  head: float = 1.0, head_l2: float = 1e-3, head_steps: int = 60,
                  bg_cover: float | None = None, normal_cells: int = DEFAULT_NORMAL_CELLS,
-                 normal_head: bool = False):
+                 normal_head: bool = True):
         self.fg_min, self.chunk, self.precision = fg_min, chunk, precision
         if int(normal_cells) < 1:
             raise InputError("normal_cells", f"need a positive number of normal cells, got {normal_cells!r}")
