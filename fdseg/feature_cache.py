@@ -56,6 +56,8 @@ class FeatureCache:
             return
         if _nbytes(features) > self.max_bytes:
             return
+        if features.untyped_storage().nbytes() > _nbytes(features):
+            features = features.clone()        # a view into a batch's tensor would keep the whole batch alive
         with self._lock:
             old = self._d.pop(key, None)
             if old is not None:

@@ -31,3 +31,14 @@ def test_item_bound_and_pickling():
     assert len(c) == 2 and c.get(("f", 0)) is None
     back = pickle.loads(pickle.dumps(c))                 # the bounds travel, the entries do not
     assert (back.max_items, back.max_bytes, len(back), back.nbytes) == (2, 2**30, 0, 0)
+
+
+def test_a_view_into_a_batch_is_stored_on_its_own():
+    """Grids come out of a batched backbone pass as views of one tensor; the cache keeps copies, so
+    its byte count is what it holds (a view would keep the whole batch alive)."""
+    batch = torch.zeros(4, 1024)
+    c = FeatureCache(max_items=10, max_bytes=2**30)
+    c.put(("f", 0), batch[1], (1, 1))
+    kept = c.get(("f", 0))[0]
+    assert kept.untyped_storage().nbytes() == 1024 * 4 == c.nbytes
+    torch.testing.assert_close(kept, batch[1])
