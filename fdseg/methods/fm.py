@@ -98,8 +98,8 @@ def fit_linear_head(fg: torch.Tensor, bg: torch.Tensor, l2: float = 1e-3, steps:
     """Class-balanced, L2-regularised logistic regression fg-vs-bg on unit feature rows.
     Returns [w (C), b] as one C+1 vector (fitted on the CPU in fp32, L-BFGS)."""
     with torch.inference_mode(False), torch.enable_grad():
-        # clone: the features may be inference tensors, which autograd cannot save
-        x = torch.cat([fg, bg]).float().cpu().clone() * FEATURE_GAIN
+        # a new tensor (cat outside inference mode: autograd cannot save inference tensors), scaled in place
+        x = torch.cat([fg.float().cpu(), bg.float().cpu()]).mul_(FEATURE_GAIN)
         y = torch.cat([torch.ones(len(fg)), torch.zeros(len(bg))])
         wts = torch.where(y > 0, 0.5 / len(fg), 0.5 / len(bg))
         w = torch.zeros(x.shape[1] + 1, requires_grad=True)
