@@ -486,18 +486,13 @@ class FewShotSegmenter:
         exact ones, the other cells' margins upper bounds below the threshold."""
         method = self.state.method
         views = self.query_views if self.extractor is not None else "none"
-        q = Query(item[0], item[1])
+        imgs = view_images(item[0], views) if views != "none" else []
+        queries = [Query(item[0], item[1])] + [Query(im, f) for im, f in zip(imgs, self.extractor.batch(imgs))]
         if not exact and hasattr(method, "score_views"):
-            imgs = view_images(item[0], views) if views != "none" else []
-            extra = [Query(im, f) for im, f in zip(imgs, self.extractor.batch(imgs))] if imgs else []
-            flips = [[]] + [list(dims) for _, dims in (QUERY_VIEWS[views] if extra else [])]
-            return method.score_views([q] + extra, flips, exact_above=float(self.state.post.threshold))
-        margin = method.score(q)
-        if views == "none":
-            return margin
-        imgs = view_images(item[0], views)
-        return merge_views(margin, [method.score(Query(im, f)) for im, f in zip(imgs, self.extractor.batch(imgs))],
-                           views)
+            flips = [[]] + [list(dims) for _, dims in QUERY_VIEWS[views]]
+            return method.score_views(queries, flips, exact_above=float(self.state.post.threshold))
+        margin = method.score(queries[0])
+        return merge_views(margin, [method.score(q) for q in queries[1:]], views) if imgs else margin
 
     def predict(self, images: ImageLike | Sequence[ImageLike], *,
                 size: tuple[int, int] | None = None) -> Prediction | list[Prediction]:
