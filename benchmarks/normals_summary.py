@@ -41,7 +41,6 @@ def main(runs: list[str]) -> None:
              for f in sorted((run / "runs").glob("*.jsonl"))]
     for run, f, label in parts:                 # one row group per run and shot count
         recs = records(run, f.name)
-        run = Path(label)
         allrecs += [dict(r, run=label) for r in recs]
         by: dict[str, list[dict]] = {}
         for r in recs:
@@ -50,7 +49,7 @@ def main(runs: list[str]) -> None:
             s = dataset_scores(ds, sorted({r["cls"] for r in rs if not r.get("defect_free")}), rs)
             fa = "-" if s.fp_rate is None else f"{100 * s.fp_rate:.3f}"
             pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-            print(f"| {run.name} | {ds} | {100 * s.miou:.1f} | {fa} | {pct(s.ok_flagged)} | {pct(s.auroc)} | "
+            print(f"| {label} | {ds} | {100 * s.miou:.1f} | {fa} | {pct(s.ok_flagged)} | {pct(s.auroc)} | "
                   f"{len(rs)} ({s.defect_free}) |")
         # pooled over the datasets that have OK queries: class-mean IoU, false-alarm pixels, verdicts
         with_ok = {r["dataset"] for r in recs if r.get("defect_free")}
@@ -61,7 +60,7 @@ def main(runs: list[str]) -> None:
         ok = [r for r in rs if r.get("defect_free")]
         fa = sum(r["fp"] for r in ok) / max(1, sum(r["fp"] + r["tn"] for r in ok))
         flagged = np.mean([r["is_defective"] for r in ok]) if ok else float("nan")
-        print(f"| {run.name} | **pooled** | {100 * np.mean(ious):.1f} (class mean) | {100 * fa:.4f} | "
+        print(f"| {label} | **pooled** | {100 * np.mean(ious):.1f} (class mean) | {100 * fa:.4f} | "
               f"{100 * flagged:.1f} | - | {len(rs)} ({len(ok)}) |")
     img = [r for r in allrecs if r.get("defect_score") is not None]
     print("\nVerdict rules on the same records (all runs pooled; OK = defect-free queries):\n")

@@ -10,9 +10,7 @@ or of ``--classes``) are segmented by:
   squeezed to 256 x 256, a 64 x 64 grid, max-cosine argmax, no head, no views, no refinement);
 * ``paper``, ``fast``, ``accurate`` (the default): the preset fitted once on the class's first episode's
   supports, the class's queries streamed through ``predict_stream``;
-* ``... +pruned``: the same, with the query's views scored by ``fm.score_views(views, flips,
-  exact_above=threshold)`` (mask-exact pruned matching). Shown only while the segmenter does not call
-  ``score_views`` itself: the run then installs that call on the segmenter instance.
+* ``fast+views``: a proposal measured beside them (``fast`` with the default's support views).
 
 Variants run interleaved class by class, so the ratios to ``paper-loop`` are comparable under a changing
 load. Peak RSS: each variant is run again in a process of its own (one query per class) and its
@@ -21,14 +19,12 @@ peak RSS (VmHWM) reported. With ``fdseg.presets`` missing, the presets are built
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
 import resource
 import subprocess
 import sys
 import time
-import types
 from collections import defaultdict
 from pathlib import Path
 
@@ -66,64 +62,19 @@ def make(preset: str, **extra) -> FewShotSegmenter:
     return FewShotSegmenter(**kw, **extra)
 
 
-def pipeline_prunes() -> bool:
-    """Whether the segmenter already scores a query's views with fm's pruned ``score_views``."""
-    try:
-        return "score_views" in inspect.getsource(FewShotSegmenter)
-    except (OSError, TypeError):
-        return False
-
-
-def _pruned_score(self, item: list) -> torch.Tensor:
-    """What the segmenter's per-query scoring becomes with fm's ``score_views``: the query and its views
-    scored together, only the cells that can change the mask matched exactly."""
-    from fdseg.methods import Query
-    from fdseg.pipeline import QUERY_VIEWS, view_images
-    method = self.state.method
-    views = self.query_views
-    queries = [Query(item[0], item[1])]
-    flips: list[list[int]] = [[]]
-    if views != "none" and self.extractor is not None:
-        imgs = view_images(item[0], views)
-        queries += [Query(im, f) for im, f in zip(imgs, self.extractor.batch(imgs))]
-        flips += [list(dims) for _, dims in QUERY_VIEWS[views]]
-    return method.score_views(queries, flips, exact_above=float(self.state.post.threshold))
-
-
-def with_pruning(seg: FewShotSegmenter) -> FewShotSegmenter:
-    seg._score = types.MethodType(_pruned_score, seg)
-    return seg
-
-
 # a proposal measured beside the presets: fast with the support views of the default (they cost at fit,
 # not per query, once the matching is pruned)
 PROPOSED = {"fast+views": ("fast", dict(support_augment="auto"))}
 
 
 def build(name: str, device: str, batch_size: int) -> FewShotSegmenter:
-    """A variant by its name: a preset or a proposal, '+pruned' = with fm.score_views."""
-    base = name.removesuffix(" +pruned")
-    preset, extra = PROPOSED.get(base, (base, {}))
-    seg = make(preset, device=device, batch_size=batch_size, **extra)
-    return with_pruning(seg) if name.endswith(" +pruned") else seg
+    """A variant by its name: a preset or a proposal."""
+    preset, extra = PROPOSED.get(name, (name, {}))
+    return make(preset, device=device, batch_size=batch_size, **extra)
 
 
-def variant_names(prune: bool) -> list[str]:
-    out = []
-    for p in ("paper", "fast", "accurate", *PROPOSED):
-        if p in PROPOSED and not prune and not pipeline_prunes():
-            continue                    # the proposal assumes pruned matching
-        if p in PROPOSED and prune:
-            out.append(f"{p} +pruned")
-            continue
-        out.append(p)
-        if prune and p != "paper":
-            out.append(f"{p} +pruned")
-    return out
-
-
-def variants(device: str, batch_size: int, prune: bool) -> dict[str, FewShotSegmenter]:
-    return {n: build(n, device, batch_size) for n in variant_names(prune)}
+def variants(device: str, batch_size: int) -> dict[str, FewShotSegmenter]:
+    return {n: build(n, device, batch_size) for n in ("paper", "fast", "accurate", *PROPOSED)}
 
 
 def paper_loop(device: str) -> FewShotSegmenter:
@@ -166,13 +117,12 @@ def run_variant(seg: FewShotSegmenter, groups, root, loop: bool) -> float:
 
 def timing(args) -> dict:
     cat = scan(args.data)
-    prune = not pipeline_prunes() and not args.no_pruned
     res = {}
     for k in args.shots:
         groups = groups_for(cat, k, args.per_class, args.classes)
         n = sum(len(g) for g in groups)
         loop = paper_loop(args.device)
-        segs = variants(args.device, args.batch_size, prune)
+        segs = variants(args.device, args.batch_size)
         secs = defaultdict(float)
         for g in groups:                          # interleaved class by class
             secs["paper-loop"] += run_variant(loop, [g], cat.root, loop=True)
@@ -243,7 +193,7 @@ def table(res: dict, rss: dict[str, float]) -> str:
         cells = []
         for k in shots:
             cells += [f"{res[k]['qps'][n]:.2f}", f"x{res[k]['ratio'][n]:.2f}"]
-        setting = SETTINGS.get(n.removesuffix(" +pruned"), "") + (" + fm.score_views pruned matching" if n.endswith("+pruned") else "")
+        setting = SETTINGS.get(n, "")
         lines.append(f"| {n} | {setting} | " + " | ".join(cells) + f" | {rss.get(n, float('nan')):.0f} |")
     return "\n".join(lines)
 
@@ -258,7 +208,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS processes")
-    ap.add_argument("--no-pruned", action="store_true", help="no '+pruned' variants")
     ap.add_argument("--rss-variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -267,8 +216,8 @@ def main() -> None:
         rss_child(args)
         return
     print(f"{describe_cpu()}, torch {torch.__version__}, python {platform.python_version()}, "
-          f"{args.threads} thread(s); presets from {'fdseg.presets' if _PRESETS is not None else 'keyword arguments'}; "
-          f"pipeline calls score_views: {pipeline_prunes()}", flush=True)
+          f"{args.threads} thread(s); presets from {'fdseg.presets' if _PRESETS is not None else 'keyword arguments'}",
+          flush=True)
     res = timing(args)
     rss = peak_rss(args, list(res[args.shots[0]]["qps"])) if args.rss else {}
     print()
