@@ -487,7 +487,8 @@ class FewShotSegmenter:
         method = self.state.method
         views = self.query_views if self.extractor is not None else "none"
         imgs = view_images(item[0], views) if views != "none" else []
-        queries = [Query(item[0], item[1])] + [Query(im, f) for im, f in zip(imgs, self.extractor.batch(imgs))]
+        feats = self.extractor.batch(imgs) if imgs else []       # no extractor: no views (e.g. SAM2 tracking)
+        queries = [Query(item[0], item[1])] + [Query(im, f) for im, f in zip(imgs, feats)]
         if not exact and hasattr(method, "score_views"):
             flips = [[]] + [list(dims) for _, dims in QUERY_VIEWS[views]]
             return method.score_views(queries, flips, exact_above=float(self.state.post.threshold))
