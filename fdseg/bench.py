@@ -184,13 +184,10 @@ def run_bench(cfg: BenchConfig) -> dict:
                "segmenter": cfg.segmenter, "runs": []}
     classes = {ds: sorted(c) for ds, c in cat.classes.items()}
     for method in cfg.methods:
-        # the normals' grids are kept as well, so each is computed once per run
+        # the normals' features are cached as well, so each goes through the backbone once per run (the
+        # segmenter keeps the grids of the class's normals between its episodes' fits)
         extra = max((len(v) for v in normals_by.values()), default=0) if cfg.cache_size else 0
         seg = FewShotSegmenter(method=method, cache_size=cfg.cache_size + extra, **_seg_kwargs(cfg, method))
-        if extra:
-            # every episode of a class refits on its normals: their grids stay cached whatever their bytes
-            # (memory grows with --normal-count; evicting them re-extracts and re-reduces them per fit)
-            seg.cache.max_bytes = 1 << 62
         for k in cfg.shots:
             results["runs"].append(_bench_one(cfg, seg, method, k, episodes_by_k[k], root, classes, out,
                                               normals_by))

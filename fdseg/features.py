@@ -45,6 +45,32 @@ def combine_layers(maps: list[torch.Tensor], grid: tuple[int, int], local_avg: i
     return F.normalize(torch.cat(outs, 1), dim=1)
 
 
+class LayerMaps:
+    """One image's backbone maps as the backbone gave them, before :func:`combine_layers` resizes them
+    to the grid: a compact form of the image's feature grid, which :meth:`grid` rebuilds exactly
+    (the same computation the extractor does). EfficientNet-Lite0's stride-8 and stride-16 maps hold
+    17 floats per stride-4 grid cell against the grid's 152, and in bf16 under autocast: what the
+    feature cache keeps (1/18 of the grid's bytes)."""
+    __slots__ = ("maps", "size", "local_avg")
+
+    def __init__(self, maps: list[torch.Tensor], size: tuple[int, int], local_avg: int = 1):
+        # maps: 1 x C_i x h_i x w_i each
+        self.maps, self.size, self.local_avg = tuple(maps), (int(size[0]), int(size[1])), int(local_avg)
+
+    def grid(self) -> torch.Tensor:
+        """The C x gh x gw unit-norm feature grid."""
+        return combine_layers(list(self.maps), self.size, self.local_avg)[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self.maps)
+
+
+def as_grid(features: "LayerMaps | torch.Tensor") -> torch.Tensor:
+    """A feature grid from either form the extractor gives (:class:`LayerMaps` or a grid)."""
+    return features.grid() if isinstance(features, LayerMaps) else features
+
+
 def _owners(starts: list[int], size: int, n: int, stride: int) -> list[tuple[int, int]]:
     """For tiles starting at ``starts`` along an axis of n input pixels, the grid
     range [a, b) each tile owns (split at the middle of each overlap)."""
@@ -87,14 +113,19 @@ class FeatureExtractor:
         c = self.preprocess.cell(H, W, self.config.stride)
         return H // c, W // c
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised input B x 3 x H x W -> B x C x H/stride x W/stride."""
+    def _maps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """Normalised input B x 3 x H x W -> the backbone's maps and the grid (H/stride, W/stride)."""
         c = self.preprocess.cell(x.shape[-2], x.shape[-1], self.config.stride)
         grid = (x.shape[-2] // c, x.shape[-1] // c)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             maps = self.backbone(x)
+        return list(maps), grid
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input B x 3 x H x W -> B x C x H/stride x W/stride."""
+        maps, grid = self._maps(x)
         return combine_layers(maps, grid, self.config.local_avg)
 
     @torch.inference_mode()
@@ -103,8 +134,14 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
-        """Features of several images; same-size inputs are run as one batch."""
-        out: list[torch.Tensor | None] = [None] * len(images)
+        """Feature grids of several images; same-size inputs are run as one batch."""
+        return [as_grid(f) for f in self.batch_maps(images)]
+
+    @torch.inference_mode()
+    def batch_maps(self, images: list[np.ndarray]) -> list["LayerMaps | torch.Tensor"]:
+        """Features of several images in their compact form (:class:`LayerMaps`, one per image; a
+        tiled input's stitched grid as it is); same-size inputs are run as one batch."""
+        out: list[LayerMaps | torch.Tensor | None] = [None] * len(images)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
             by_size.setdefault(self.preprocess.input_size(*im.shape[:2]), []).append(i)
@@ -112,9 +149,16 @@ class FeatureExtractor:
             xs = [resize_image(to_tensor(images[i], self.device), (H, W), self.preprocess.antialias) for i in idx]
             x = self.backbone.normalize(torch.cat(xs))
             tiles = self.preprocess.tiles(H, W)
-            feats = self._forward(x) if len(tiles) == 1 else self._tiled(x, tiles)
-            for j, i in enumerate(idx):
-                out[i] = feats[j]
+            if len(tiles) == 1:
+                maps, grid = self._maps(x)
+                for j, i in enumerate(idx):
+                    # each image's own 1 x C x h x w copy (a view would keep the batch's tensor alive), in
+                    # the batch's memory layout, so that its grid is bit-identical to the batch's
+                    out[i] = LayerMaps([m[j:j + 1].clone() for m in maps], grid, self.config.local_avg)
+            else:
+                feats = self._tiled(x, tiles)
+                for j, i in enumerate(idx):
+                    out[i] = feats[j].clone() if len(idx) > 1 else feats[j]
         return out  # type: ignore[return-value]
 
     def _tiled(self, x: torch.Tensor, tiles: list[tuple[int, int, int, int]]) -> torch.Tensor:
