@@ -9,9 +9,11 @@ import os
 
 # oneDNN keeps a compiled kernel per matmul / convolution shape (1024 by default). The pruned matching
 # multiplies a different number of rows for every query, so a long run filled that cache by ~4 MB per
-# query (a 5-shot bench: +1 GB per 300 episodes); 64 shapes hold the fixed-shape blocks. Read by oneDNN
-# when it first runs, so it holds even where torch was imported before fdseg; a value set by the user wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+# query (a 5-shot bench: +1 GB per 300 episodes). 64 shapes still held ~330 MB on zoomed images (each
+# backbone layer at each input size is a shape); 4 measured as fast as 64 or 1024 (creating a kernel is
+# cheap next to running it: BENCHMARKS.md, memory). Read by oneDNN when it first runs, so it holds even
+# where torch was imported before fdseg; a value set by the user wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4")
 
 from .backbones import create_backbone, list_backbones, register_backbone
 from .errors import FdsegError, InputError, MissingExtraError
