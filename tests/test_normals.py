@@ -17,7 +17,8 @@ from PIL import Image
 
 import fdseg
 from fdseg.errors import InputError
-from fdseg.methods.normal_bank import DEFAULT_BUDGET, POOL, candidate_cells, check_size_class, normal_bank
+from fdseg.methods.normal_bank import (DEFAULT_BUDGET, POOL, candidate_cells, check_size_class, normal_bank,
+                                      normal_sample)
 from fdseg.metrics import auroc, dataset_scores
 from fdseg.normals import NormalPool, bench_pools, collect_normals, evenly, group_matches
 from fdseg.pipeline.finish import largest_component, verdict
@@ -29,6 +30,26 @@ def _unit(*shape, seed=0):
 
 
 # -- the normal bank: bounded, remembered, size classes (synthetic) --------------------------------
+
+def test_normal_sample_is_a_uniform_draw_over_all_cells():
+    grids = [_unit(8, 10, 10, seed=1), _unit(8, 20, 20, seed=2)]        # 100 + 400 cells
+    rows = normal_sample(grids, 50, seed=0)
+    assert rows.shape == (50, 8) and torch.equal(rows, normal_sample(grids, 50, seed=0))   # seeded
+    # the same draw as a permutation of all the cells concatenated (which it never builds)
+    every = torch.cat([g.flatten(1).T for g in grids])
+    assert torch.equal(rows, every[torch.randperm(500, generator=torch.Generator().manual_seed(0))[:50]])
+    assert not torch.equal(rows, normal_sample(grids, 50, seed=1))
+    assert normal_sample(grids, 1000).shape == (500, 8)                   # fewer cells than asked: all
+
+
+def test_normal_head_modes():
+    from fdseg.methods.fm import FeatureMatching
+    assert [FeatureMatching(normal_head=v).normal_head for v in (True, False, "bank", "sample", "off")] == \
+        ["sample", "off", "bank", "sample", "off"]
+    assert FeatureMatching().normal_head == "sample"
+    with pytest.raises(InputError, match="normal_head"):
+        FeatureMatching(normal_head="kcenter")
+
 
 def test_normal_bank_is_bounded_by_the_budget_and_keeps_small_sets_whole():
     small = [_unit(8, 4, 4, seed=i) for i in range(3)]                 # 48 cells < budget

@@ -28,8 +28,10 @@ paper's rule. See BENCHMARKS.md (accuracy section) for what it adds.
 
 Beyond the paper (``normals``, :mod:`fdseg.methods.normal_bank`): defect-free images of the product
 given to ``fit`` join the background bank, reduced to at most ``normal_cells`` (4096) cells by greedy
-k-center, so the matching cost stays fixed however many are given; with ``normal_head`` (default) they
-also join the linear head's background. docs/normals.md has what they change.
+k-center, so the matching cost stays fixed however many are given. ``normal_head`` says what of them
+the linear head sees as background: ``"sample"`` (default) as many cells drawn uniformly from all the
+normals (typical background), ``"bank"`` the bank's k-center cells (the rarest first), ``"off"`` none.
+docs/normals.md has what they change.
 
 Beyond the paper (``query_bg``): the query's own cells join the background evidence.
 A cell's background score becomes the larger of its best support-background cosine and
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Method, Query, Support, support_cells
-from .normal_bank import DEFAULT_BUDGET as DEFAULT_NORMAL_CELLS, check_size_class, normal_bank
+from .normal_bank import DEFAULT_BUDGET as DEFAULT_NORMAL_CELLS, check_size_class, normal_bank, normal_sample
 from .registry import register_method
 from .similarity import (DEFAULT_CHUNK, cover_subset, greedy_coreset, kth_self_similarity, max_similarity,
                          strided_subset)
@@ -115,6 +117,15 @@ def fit_linear_head(fg: torch.Tensor, bg: torch.Tensor, l2: float = 1e-3, steps:
     return w.detach().to(fg.device)
 
 
+def _normal_head_mode(value: bool | str) -> str:
+    """``normal_head`` as one of "sample" (True), "bank", "off" (False)."""
+    mode = {True: "sample", False: "off", "true": "sample", "false": "off", "none": "off"}.get(
+        value.lower() if isinstance(value, str) else value, value)
+    if mode not in ("sample", "bank", "off"):
+        raise InputError("normal_head", f"expected sample, bank or off (true / false), got {value!r}")
+    return mode
+
+
 def head_logits(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (q.float() * FEATURE_GAIN) @ w[:-1] + w[-1]
 
@@ -129,11 +140,11 @@ class FeatureMatching(Method):
                  query_bg: float | None = None, query_bg_radius: int = 1, query_bg_min_k: int = 3,
                  head: float = 1.0, head_l2: float = 1e-3, head_steps: int = 60,
                  bg_cover: float | None = None, normal_cells: int = DEFAULT_NORMAL_CELLS,
-                 normal_head: bool = True):
+                 normal_head: bool | str = "sample"):
         self.fg_min, self.chunk, self.precision = fg_min, chunk, precision
         if int(normal_cells) < 1:
             raise InputError("normal_cells", f"need a positive number of normal cells, got {normal_cells!r}")
-        self.normal_cells, self.normal_head = int(normal_cells), bool(normal_head)
+        self.normal_cells, self.normal_head = int(normal_cells), _normal_head_mode(normal_head)
         self.n_normals = self.n_normal_cells = 0
         if head < 0 or head_l2 < 0 or head_steps < 1:
             raise InputError("fm head", f"need head >= 0, head_l2 >= 0, head_steps >= 1; got {head}, {head_l2}, {head_steps}")
@@ -151,7 +162,7 @@ class FeatureMatching(Method):
     def fit(self, supports: list[Support], normals: list[torch.Tensor] | None = None) -> None:
         """The supports' fg / bg banks (and the head). ``normals``: feature grids of defect-free
         images; their cells, reduced to at most ``normal_cells`` rows (:func:`normal_bank`), join
-        the background bank (and the head's background when ``normal_head``)."""
+        the background bank (and, by ``normal_head``, the head's background)."""
         fgs, bgs, fracs = [], [], []
         for s in supports:
             f = s.features.flatten(1).T          # cells x C
@@ -170,7 +181,11 @@ class FeatureMatching(Method):
             check_size_class([tuple(s.features.shape[-2:]) for s in supports], [tuple(n.shape[-2:]) for n in normals])
             extra = normal_bank(normals, self.normal_cells, self.seed).to(bg.device, bg.dtype)
         if self.head:
-            head_bg = torch.cat([bg, extra]) if extra is not None and self.normal_head else bg
+            head_bg = bg
+            if extra is not None and self.normal_head == "bank":
+                head_bg = torch.cat([bg, extra])
+            elif extra is not None and self.normal_head == "sample":
+                head_bg = torch.cat([bg, normal_sample(normals, len(extra), self.seed).to(bg.device, bg.dtype)])
             self.head_w = fit_linear_head(fg, head_bg, self.head_l2, self.head_steps)
         if extra is not None:
             bg = torch.cat([bg, extra])

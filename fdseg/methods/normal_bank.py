@@ -74,6 +74,28 @@ def candidate_cells(normals: Sequence[torch.Tensor], n_max: int, seed: int = 0) 
     return torch.cat(rows).contiguous()
 
 
+def normal_sample(normals: Sequence[torch.Tensor], n_max: int, seed: int = 0) -> torch.Tensor:
+    """``n_max`` rows (cells x C) drawn uniformly at random, without replacement, from all the cells
+    of the C x h x w grids (all cells when fewer), in the draw's order: typical background, where
+    :func:`normal_bank`'s k-center takes the rarest cells first. The draw is over cell indices, so
+    the grids' cells are never concatenated (200 zoomed normals hold ~1 GB of them)."""
+    sizes = [int(t.shape[-2] * t.shape[-1]) for t in normals]
+    total = sum(sizes)
+    if total <= n_max:
+        return torch.cat([t.flatten(1).T for t in normals]).contiguous()
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(total, generator=g)[:n_max]
+    first = normals[0]
+    out = first.new_empty((n_max, first.shape[0]))
+    start = 0
+    for t, n in zip(normals, sizes):
+        here = ((idx >= start) & (idx < start + n)).nonzero().squeeze(1)
+        if len(here):
+            out[here.to(out.device)] = t.flatten(1).T[(idx[here] - start).to(t.device)]
+        start += n
+    return out
+
+
 def normal_bank(normals: Sequence[torch.Tensor], budget: int = DEFAULT_BUDGET, seed: int = 0) -> torch.Tensor:
     """The normals' cells reduced to at most ``budget`` rows (unit norm, cells x C): candidates
     (:func:`candidate_cells`, ``POOL x budget``), then greedy k-center. Remembered per set of normals."""
