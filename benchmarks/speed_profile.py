@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -70,7 +69,7 @@ def instrument() -> None:
     _wrap(S, "load", "decode")
     _wrap(S, "_ensure_features", "backbone: image")             # the query (or the supports at fit)
     _wrap(S, "_augmented", "backbone: support views")
-    _wrap(FeatureExtractor, "batch", "backbone")                  # nested in the two above or in _score
+    _wrap(FeatureExtractor, "batch_maps", "backbone")             # nested in the two above or in _score
     _wrap(fm_mod.FeatureMatching, "score", "score")
     _wrap(fm_mod, "max_similarity", "matching")
     _wrap(fm_mod.FeatureMatching, "score_views", "score")
@@ -129,15 +128,10 @@ def breakdown(n: int) -> dict[str, float]:
     return out
 
 
-def profile(cat, dataset: str, cls: str, shots: int, queries: int, seg_kwargs: dict, pruned: bool = False) -> dict:
+def profile(cat, dataset: str, cls: str, shots: int, queries: int, seg_kwargs: dict) -> dict:
     root = cat.root
     eps = [e for e in make_episodes(cat, shots, seed=2) if e.dataset == dataset and e.cls == cls][:queries]
     seg = FewShotSegmenter(**seg_kwargs)
-    if pruned:                     # the query's views through fm.score_views (benchmarks/presets_speed.py)
-        sys.path.insert(0, str(Path(__file__).parent))
-        from presets_speed import with_pruning
-        with_pruning(seg)
-        _wrap(seg, "_score", "views + score")      # the instance's own _score, timed like the class's
     with fresh():
         seg.fit([root / p for p in eps[0].supports], [root / p for p in eps[0].support_masks])
         fit = breakdown(1)
@@ -187,8 +181,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                     help="fm option for the profiled segmenter (value parsed as JSON, else a string)")
-    ap.add_argument("--pruned", action="store_true",
-                    help="score the query's views with fm.score_views(..., exact_above=threshold)")
     ap.add_argument("--preset", default=None, help="FewShotSegmenter(preset=...) (default: the default)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -207,8 +199,8 @@ def main() -> None:
         ds, cls = c.split("/", 1)
         for k in args.shots:
             kw = {**({"method_options": opts} if opts else {}), **({"preset": args.preset} if args.preset else {})}
-            r = profile(cat, ds, cls, k, args.queries, kw, args.pruned)
-            r["pruned"], r["preset"] = args.pruned, args.preset or "accurate"
+            r = profile(cat, ds, cls, k, args.queries, kw)
+            r["preset"] = args.preset or "accurate"
             print(json.dumps(r), flush=True)
             res.append(r)
     print(f"\n{describe_cpu()}, torch {torch.__version__}, {args.threads} thread(s)\n")
