@@ -51,6 +51,28 @@ def test_normal_head_modes():
         FeatureMatching(normal_head="kcenter")
 
 
+def test_normal_bank_option_keeps_the_normals_out_of_the_matching_bank():
+    from fdseg.methods.base import Support
+    from fdseg.methods.fm import FeatureMatching
+    feats = _unit(8, 12, 12, seed=3)
+    cov = torch.zeros(12, 12)
+    cov[4:7, 4:7] = 1.0                                                 # 9 defect cells, 135 background
+    normals = [_unit(8, 12, 12, seed=10 + i) for i in range(3)]         # 432 cells
+    plain, both, head_only = (FeatureMatching(**kw) for kw in ({}, {}, {"normal_bank": "false"}))
+    plain.fit([Support(None, None, feats, cov)])
+    both.fit([Support(None, None, feats, cov)], normals=normals)
+    head_only.fit([Support(None, None, feats, cov)], normals=normals)
+    assert (len(plain.bg), len(both.bg), len(head_only.bg)) == (135, 135 + 432, 135)
+    assert head_only.n_normal_cells == 0 and head_only.n_normals == 3
+    assert torch.equal(head_only.bg, plain.bg)
+    assert torch.equal(head_only.head_w, both.head_w)                  # the head sees the same normal cells
+    assert not torch.equal(head_only.head_w, plain.head_w)
+    assert [FeatureMatching(normal_bank=v).normal_bank for v in (True, False, "true", "false", 0)] == \
+        [True, False, True, False, False]
+    with pytest.raises(InputError, match="normal_bank"):
+        FeatureMatching(normal_bank="maybe")
+
+
 def test_normal_bank_is_bounded_by_the_budget_and_keeps_small_sets_whole():
     small = [_unit(8, 4, 4, seed=i) for i in range(3)]                 # 48 cells < budget
     assert normal_bank(small, budget=64).shape == (48, 8)

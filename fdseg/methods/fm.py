@@ -31,6 +31,7 @@ given to ``fit`` join the background bank, reduced to at most ``normal_cells`` (
 k-center, so the matching cost stays fixed however many are given. ``normal_head`` says what of them
 the linear head sees as background: ``"sample"`` (default) as many cells drawn uniformly from all the
 normals (typical background), ``"bank"`` the bank's k-center cells (the rarest first), ``"off"`` none.
+``normal_bank=False`` keeps them out of the matching bank (the head alone sees them).
 docs/normals.md has what they change.
 
 Beyond the paper (``query_bg``): the query's own cells join the background evidence.
@@ -126,6 +127,17 @@ def _normal_head_mode(value: bool | str) -> str:
     return mode
 
 
+def _flag(name: str, value: bool | str) -> bool:
+    """A boolean option given as a bool or as true / false text (CLI ``--method-option``)."""
+    flag = {"true": True, "false": False, "1": True, "0": False}.get(
+        value.lower() if isinstance(value, str) else value, value)
+    if type(flag) is int and flag in (0, 1):
+        flag = bool(flag)
+    if not isinstance(flag, bool):
+        raise InputError(name, f"expected true or false, got {value!r}")
+    return flag
+
+
 def head_logits(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (q.float() * FEATURE_GAIN) @ w[:-1] + w[-1]
 
@@ -140,11 +152,12 @@ class FeatureMatching(Method):
                  query_bg: float | None = None, query_bg_radius: int = 1, query_bg_min_k: int = 3,
                  head: float = 1.0, head_l2: float = 1e-3, head_steps: int = 60,
                  bg_cover: float | None = None, normal_cells: int = DEFAULT_NORMAL_CELLS,
-                 normal_head: bool | str = "sample"):
+                 normal_head: bool | str = "sample", normal_bank: bool = True):
         self.fg_min, self.chunk, self.precision = fg_min, chunk, precision
         if int(normal_cells) < 1:
             raise InputError("normal_cells", f"need a positive number of normal cells, got {normal_cells!r}")
         self.normal_cells, self.normal_head = int(normal_cells), _normal_head_mode(normal_head)
+        self.normal_bank = _flag("normal_bank", normal_bank)
         self.n_normals = self.n_normal_cells = 0
         if head < 0 or head_l2 < 0 or head_steps < 1:
             raise InputError("fm head", f"need head >= 0, head_l2 >= 0, head_steps >= 1; got {head}, {head_l2}, {head_steps}")
@@ -180,16 +193,20 @@ class FeatureMatching(Method):
         extra = None
         if normals:
             check_size_class([tuple(s.features.shape[-2:]) for s in supports], [tuple(n.shape[-2:]) for n in normals])
-            extra = normal_bank(normals, self.normal_cells, self.seed).to(bg.device, bg.dtype)
+            if self.normal_bank or (self.head and self.normal_head == "bank"):
+                extra = normal_bank(normals, self.normal_cells, self.seed).to(bg.device, bg.dtype)
         if self.head:
             head_bg = bg
-            if extra is not None and self.normal_head == "bank":
+            if normals and self.normal_head == "bank":
                 head_bg = torch.cat([bg, extra])
-            elif extra is not None and self.normal_head == "sample":
-                head_bg = torch.cat([bg, normal_sample(normals, len(extra), self.seed).to(bg.device, bg.dtype)])
+            elif normals and self.normal_head == "sample":
+                n = self.normal_cells if extra is None else len(extra)
+                head_bg = torch.cat([bg, normal_sample(normals, n, self.seed).to(bg.device, bg.dtype)])
             self.head_w = fit_linear_head(fg, head_bg, self.head_l2, self.head_steps)
-        if extra is not None:
+        if extra is not None and self.normal_bank:
             bg = torch.cat([bg, extra])
+        else:
+            extra = None
         self.n_normals, self.n_normal_cells = len(normals or []), 0 if extra is None else len(extra)
         self.fg, self.bg = fg.contiguous(), bg.contiguous()
         self.min_defect_cells = smallest_defect_cells(supports, self.fg_min)
