@@ -27,11 +27,13 @@ separate this defect from this background, which plain cosine weighs equally; ``
 paper's rule. See BENCHMARKS.md (accuracy section) for what it adds.
 
 Beyond the paper (``normals``, :mod:`fdseg.methods.normal_bank`): defect-free images of the product
-given to ``fit`` join the background bank, reduced to at most ``normal_cells`` (4096) cells by greedy
-k-center, so the matching cost stays fixed however many are given. ``normal_head`` says what of them
-the linear head sees as background: ``"sample"`` (default) as many cells drawn uniformly from all the
-normals (typical background), ``"bank"`` the bank's k-center cells (the rarest first), ``"off"`` none.
-``normal_bank=False`` keeps them out of the matching bank (the head alone sees them).
+given to ``fit`` are background for the linear head: ``normal_head="sample"`` (default) adds
+``normal_cells`` (4096) cells drawn uniformly from all the normals (typical background) to the head's
+background, ``"bank"`` the k-center cells below, ``"off"`` none. ``normal_bank=True`` also puts them in
+the matching's background bank, reduced to at most ``normal_cells`` cells by greedy k-center (the cost
+per query stays fixed however many are given): fewer false alarms, but it costs recall where OK
+texture looks like the defect (docs/normals.md has both measured; the default is the one that does
+not lower mIoU).
 docs/normals.md has what they change.
 
 Beyond the paper (``query_bg``): the query's own cells join the background evidence.
@@ -152,13 +154,13 @@ class FeatureMatching(Method):
                  query_bg: float | None = None, query_bg_radius: int = 1, query_bg_min_k: int = 3,
                  head: float = 1.0, head_l2: float = 1e-3, head_steps: int = 60,
                  bg_cover: float | None = None, normal_cells: int = DEFAULT_NORMAL_CELLS,
-                 normal_head: bool | str = "sample", normal_bank: bool = True):
+                 normal_head: bool | str = "sample", normal_bank: bool = False):
         self.fg_min, self.chunk, self.precision = fg_min, chunk, precision
         if int(normal_cells) < 1:
             raise InputError("normal_cells", f"need a positive number of normal cells, got {normal_cells!r}")
         self.normal_cells, self.normal_head = int(normal_cells), _normal_head_mode(normal_head)
         self.normal_bank = _flag("normal_bank", normal_bank)
-        self.n_normals = self.n_normal_cells = 0
+        self.n_normals = self.n_normal_cells = self.n_head_normal_cells = 0
         if head < 0 or head_l2 < 0 or head_steps < 1:
             raise InputError("fm head", f"need head >= 0, head_l2 >= 0, head_steps >= 1; got {head}, {head_l2}, {head_steps}")
         self.head, self.head_l2, self.head_steps = float(head), float(head_l2), int(head_steps)
@@ -195,6 +197,7 @@ class FeatureMatching(Method):
             check_size_class([tuple(s.features.shape[-2:]) for s in supports], [tuple(n.shape[-2:]) for n in normals])
             if self.normal_bank or (self.head and self.normal_head == "bank"):
                 extra = normal_bank(normals, self.normal_cells, self.seed).to(bg.device, bg.dtype)
+        self.n_head_normal_cells = 0
         if self.head:
             head_bg = bg
             if normals and self.normal_head == "bank":
@@ -202,6 +205,7 @@ class FeatureMatching(Method):
             elif normals and self.normal_head == "sample":
                 n = self.normal_cells if extra is None else len(extra)
                 head_bg = torch.cat([bg, normal_sample(normals, n, self.seed).to(bg.device, bg.dtype)])
+            self.n_head_normal_cells = len(head_bg) - len(bg)
             self.head_w = fit_linear_head(fg, head_bg, self.head_l2, self.head_steps)
         if extra is not None and self.normal_bank:
             bg = torch.cat([bg, extra])
@@ -334,5 +338,6 @@ class FeatureMatching(Method):
                 "bg_cells": int(len(self.bg)) if self.bg is not None else 0,
                 "matmul": str(getattr(self, "dtype", "")).replace("torch.", ""), "head": self.head,
                 **({"bg_cover": self.bg_cover} if self.bg_cover is not None else {}),
-                **({"normals": self.n_normals, "normal_cells": self.n_normal_cells}
+                **({"normals": self.n_normals, "normal_cells": self.n_normal_cells,
+                    "normal_head_cells": self.n_head_normal_cells}
                    if getattr(self, "n_normals", 0) else {})}
