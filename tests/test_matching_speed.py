@@ -193,7 +193,10 @@ def test_predict_uses_the_pruned_search_with_the_exact_mask_and_defect_score(def
 @pytest.mark.data
 def test_channels_last_backbone_gives_the_same_features(defects_root):
     """The extractor runs its convolutions channels-last (3-4x faster under bf16 on the CPU); the
-    features equal the default layout's within float rounding, at a square and a zoomed input."""
+    features equal the default layout's within rounding, at a square and a zoomed input: 1e-5 in fp32;
+    under bf16 autocast oneDNN's kernels for the two layouts may round differently (equal to 2e-7 on
+    an AMX Xeon, up to 6e-3 per channel on a Zen 4 EPYC), so there each cell's feature keeps its
+    direction (cosine >= 0.999) and no channel moves more than two bf16 steps."""
     from fdseg.backbones import create_backbone
     from fdseg.data import Preprocess
     from fdseg.features import FeatureExtractor
@@ -206,4 +209,7 @@ def test_channels_last_backbone_gives_the_same_features(defects_root):
     for im in (query, small):
         a, b = fast(im), plain(im)
         assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        if not fast.amp:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        else:
+            assert float((a * b).sum(0).min()) >= 0.999 and float((a - b).abs().max()) < 2 * 2 ** -7
