@@ -59,8 +59,8 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
                    help="method setting, repeatable; fm: precision=auto|fp32|bf16, bg_coreset=0.25 "
                         "(fraction or count of background cells kept), fg_min=0, normal_cells=4096 (defect-free cells kept, "
                         "with --normal), normal_head=sample|bank|off (what of the normals the linear head sees), "
-                        "normal_bank=false|true (also put the normals' cells in the matching bank: fewer false alarms, "
-                        "lower recall; docs/normals.md)")
+                        "normal_bank=false|true (also put the normals' cells in the matching bank: docs/normals.md), "
+                        "normal_head_cells=65536 (normal cells the head sees without the bank)")
     r = p.add_argument_group("refinement and segment-anything (fastsam / sam2 need fdseg[sam])")
     r.add_argument("--refine", default=None, metavar="NAME",
                    help="refine each mask with a region proposer: superpixel (offline), fastsam, sam2_auto")
