@@ -29,7 +29,8 @@ paper's rule. See BENCHMARKS.md (accuracy section) for what it adds.
 Beyond the paper (``normals``, :mod:`fdseg.methods.normal_bank`): defect-free images of the product
 given to ``fit`` are background for the linear head: ``normal_head="sample"`` (default) adds
 ``normal_head_cells`` (65,536: sixteen 64 x 64 grids, about a 5-shot support background) cells drawn
-uniformly from all the normals (typical background) to the head's background, ``"bank"`` the k-center cells below, ``"off"`` none. ``normal_bank=True`` also puts them in
+uniformly from all the normals (typical background) to the head's background, ``"bank"`` the
+k-center cells below, ``"off"`` none. ``normal_bank=True`` also puts them in
 the matching's background bank, reduced to at most ``normal_cells`` cells by greedy k-center (the cost
 per query stays fixed however many are given): fewer false alarms, but it costs recall where OK
 texture looks like the defect (docs/normals.md has both measured; the default is the one that does
@@ -348,5 +349,5 @@ class FeatureMatching(Method):
                 "matmul": str(getattr(self, "dtype", "")).replace("torch.", ""), "head": self.head,
                 **({"bg_cover": self.bg_cover} if self.bg_cover is not None else {}),
                 **({"normals": self.n_normals, "normal_cells": self.n_normal_cells,
-                    "normal_head_cells": self.n_head_normal_cells}
+                    "normal_head_cells": getattr(self, "n_head_normal_cells", 0)}
                    if getattr(self, "n_normals", 0) else {})}
