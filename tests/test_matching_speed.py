@@ -12,7 +12,7 @@ from fdseg import FewShotSegmenter, InputError
 from fdseg.data.images import load_image, load_mask
 from fdseg.data.preprocess import upsample_scores
 from fdseg.methods import Query, create_method
-from fdseg.methods.fm import PRUNE_STRIDE, merge_flipped
+from fdseg.methods.fm import PRUNE_FIRST, PRUNE_STRIDE, merge_flipped
 from fdseg.methods.similarity import cover_subset, max_similarity, strided_subset
 
 FLIPS = [[], [-1], [-2]]                       # the query, flipped left-right, flipped up-down
@@ -74,6 +74,28 @@ def test_pruned_views_give_the_exact_mask(fitted, t):
     assert bound.float().mean() > 0.5                       # most cells were not matched exactly
     assert (pruned[bound] > exact[bound]).all()
     assert (pruned[bound] < t).all()
+
+
+@pytest.mark.data
+def test_pruned_search_reads_the_whole_bank_for_few_cells(fitted, monkeypatch):
+    """The pruned search's structure: every cell is bounded once by the coarsest subset (1/512 of the
+    bank), only the cells left near the threshold by the 1/32 one, and few cells by the whole bank."""
+    import fdseg.methods.fm as fm_mod
+    fm, queries, _ = fitted
+    seen: dict[int, int] = {}
+    real = fm_mod.max_similarity
+
+    def counting(q, bank, *a, **k):
+        seen[len(bank)] = seen.get(len(bank), 0) + len(q)
+        return real(q, bank, *a, **k)
+
+    monkeypatch.setattr(fm_mod, "max_similarity", counting)
+    fm.score_views(queries, FLIPS, exact_above=0.0)
+    rows = sum(q.features[0].numel() for q in queries)
+    n_bg = len(fm.bg)
+    assert seen[len(strided_subset(n_bg, PRUNE_STRIDE * PRUNE_FIRST))] == rows
+    assert seen.get(len(strided_subset(n_bg, PRUNE_STRIDE)), 0) < 0.5 * rows
+    assert 0 < seen[n_bg] < 0.1 * rows
 
 
 @pytest.mark.data

@@ -68,6 +68,8 @@ def coreset_size(n: int, spec: float | int | None) -> int:
 
 
 PRUNE_STRIDE = 32       # score_views: every 32nd background cell bounds the margins of the pruned search
+PRUNE_FIRST = 16        # ... after every (16 x 32)th has bounded all cells once (only those it leaves near
+                        # the threshold are bounded again with every 32nd)
 PRUNE_BAND = 0.02       # score_views: cells whose bound is this close below the threshold are matched exactly
 MAX_ROUND = 32          # score_views: cells matched exactly per round while the grid's maximum is not yet exact
 
@@ -228,9 +230,10 @@ class FeatureMatching(Method):
         self.dtype = matmul_dtype(self.precision, fg.device)
 
     # -- scoring ----------------------------------------------------------------
-    def _search_banks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _search_banks(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """The fitted banks as the matching reads them (in the matmul dtype; the background bank
-        reduced by ``bg_cover``) and the strided background subset of the pruned search. Derived
+        reduced by ``bg_cover``) and the strided background subsets of the pruned search, coarse to
+        fine (every 512th cell, every 32nd). Derived
         from ``fg`` / ``bg`` at the first query after a fit (or a move) and kept."""
         key = (id(self.fg), id(self.bg), self.fg.device, self.dtype)
         cached = getattr(self, "_banks_cache", None)
@@ -239,7 +242,8 @@ class FeatureMatching(Method):
             if self.bg_cover is not None:
                 bg = bg[cover_subset(bg, self.bg_cover)]
             bg = bg.to(self.dtype).contiguous()
-            coarse = bg[strided_subset(len(bg), PRUNE_STRIDE)].contiguous()
+            coarse = tuple(bg[strided_subset(len(bg), s)].contiguous()
+                           for s in (PRUNE_STRIDE * PRUNE_FIRST, PRUNE_STRIDE))
             cached = (key, (self.fg.to(self.dtype).contiguous(), bg, coarse))
             self._banks_cache = cached
         return cached[1]
@@ -284,13 +288,15 @@ class FeatureMatching(Method):
 
         ``exact_above``: the decision threshold applied to these margins after bilinear upsampling.
         Then only the cells that can matter for the mask are matched against the whole background
-        bank: first every cell gets an upper bound of its margin from a strided 1/32 of the bank (a
-        subset's best cosine is at most the bank's); the cells whose merged bound is at least
-        ``exact_above - PRUNE_BAND`` (the band covers bf16 rounding) and their 8 neighbours (a pixel
-        is interpolated from its 2 x 2 nearest cells) get their exact margins in every view. Every
-        other pixel's upsampled bound is below the threshold, and so is its exact value: the mask
-        is the exact one, and the margins of the cells kept as bounds are above their exact values
-        but below the threshold. The grid's maximum is exact as well (the image-level defect score):
+        bank: first every cell gets an upper bound of its margin from a strided 1/512 of the bank (a
+        subset's best cosine is at most the bank's), the cells it leaves within ``PRUNE_BAND`` of the
+        threshold a tighter one from a strided 1/32; the cells whose merged bound is then at least
+        ``exact_above - PRUNE_BAND`` (the band covers bf16 rounding) get their exact margins in every
+        view, and then the 8 neighbours (a pixel is interpolated from its 2 x 2 nearest cells) of
+        every cell whose exact margin stays in the band, until all of them are exact. Every other
+        pixel is interpolated from cells whose bounds are below the band, so its exact value is below
+        the threshold: the mask is the exact one, and the margins of the cells kept as bounds are
+        above their exact values but below the threshold. The grid's maximum is exact as well (the image-level defect score):
         while some bound is above the best exact margin, the highest bounds are matched exactly.
         None: every cell exact (= ``merge`` of ``score_many``)."""
         if len(queries) != len(flips):
@@ -304,19 +310,34 @@ class FeatureMatching(Method):
         qs = [self._flat(q) for q in queries]
         allq = torch.cat(qs)
         base = self._vote(allq, max_similarity(allq, fgb, self.chunk, self.dtype))
-        low = max_similarity(allq, coarse, self.chunk, self.dtype)           # <= the exact bg max
+        low = max_similarity(allq, coarse[0], self.chunk, self.dtype)        # <= the exact bg max
         if self.query_bg:
             low = torch.maximum(low, torch.cat([self._query_bg(q, h, w) for q in qs]))
-        bound = (base - low).view(len(qs), h, w)
-        merged = merge_flipped(list(bound), flips)
-        near = F.max_pool2d((merged >= exact_above - PRUNE_BAND).float()[None, None], 3, 1, 1)[0, 0] > 0
-        flat = bound.flatten().clone()
-        done = torch.zeros_like(near)
+        flat = (base - low).clone()
+
+        def rows_of(cells: torch.Tensor) -> torch.Tensor:
+            """The rows of ``allq`` (every view) of the merged-grid ``cells`` (bool h x w)."""
+            return torch.cat([torch.flip(cells, dims).flatten().nonzero().flatten() + i * n
+                              for i, dims in enumerate(flips)])
+
+        fine = torch.zeros((h, w), dtype=torch.bool)       # cells bounded by the finest subset
+
+        def tighten(cells: torch.Tensor) -> torch.Tensor:
+            """Bound ``cells`` again with the finest subset (it holds the coarser ones) -> the merged grid."""
+            cells = cells & ~fine
+            if bool(cells.any()):
+                rows = rows_of(cells)
+                low[rows] = torch.maximum(low[rows], max_similarity(allq[rows], coarse[-1], self.chunk, self.dtype))
+                flat[rows] = base[rows] - low[rows]
+                fine.logical_or_(cells)
+            return merge_flipped(list(flat.view(len(qs), h, w)), flips)
+
+        merged = tighten(merge_flipped(list(flat.view(len(qs), h, w)), flips) >= exact_above - PRUNE_BAND)
+        done = torch.zeros((h, w), dtype=torch.bool)
 
         def exact(cells: torch.Tensor) -> torch.Tensor:
             """Exact margins (every view) for the merged-grid ``cells`` (bool h x w) -> the merged grid."""
-            rows = torch.cat([torch.flip(cells, dims).flatten().nonzero().flatten() + i * n
-                              for i, dims in enumerate(flips)])
+            rows = rows_of(cells)
             exact_bg = max_similarity(allq[rows], bgb, self.chunk, self.dtype)
             if self.query_bg:
                 exact_bg = torch.maximum(exact_bg, low[rows])
@@ -324,8 +345,17 @@ class FeatureMatching(Method):
             done.logical_or_(cells)
             return merge_flipped(list(flat.view(len(qs), h, w)), flips)
 
-        if bool(near.any()):
-            merged = exact(near)
+        # exact: every cell within the band of the threshold and its 8 neighbours. The cells in the band
+        # first (a bound above the band often falls below it once exact), then the neighbours of those
+        # that stay in it, until every neighbour of a cell in the band is exact
+        while True:
+            hot = merged >= exact_above - PRUNE_BAND
+            todo = hot & ~done
+            if not bool(todo.any()):
+                todo = (F.max_pool2d(hot.float()[None, None], 3, 1, 1)[0, 0] > 0) & ~done
+                if not bool(todo.any()):
+                    break
+            merged = exact(todo)
         # the grid's maximum (the image-level defect score) exact too: while a bound left is above the
         # best exact margin, match the highest bounds exactly (best-first; usually one round)
         while not bool(done.all()):
@@ -333,6 +363,10 @@ class FeatureMatching(Method):
             left = torch.where(done, torch.full_like(merged, float("-inf")), merged)
             if float(left.max()) <= best:
                 break
+            loose = (left > best) & ~fine
+            if bool(done.any()) and bool(loose.any()):     # coarse bounds above the best: tighten them first
+                merged = tighten(loose)
+                continue
             top = torch.zeros_like(done).flatten()
             top[left.flatten().topk(min(MAX_ROUND, int((~done).sum()))).indices] = True
             merged = exact(top.view(h, w))
