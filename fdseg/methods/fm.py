@@ -17,7 +17,8 @@ Speed options (see BENCHMARKS.md for what they cost and save):
 Several views of a query: ``score_many`` scores them, ``score_views`` also merges them (mean of
 the margins flipped back) and, given the decision threshold (``exact_above``), matches exactly
 only the cells whose mask can depend on it: every other cell keeps an upper bound of its margin
-from a 1/32 strided subset of the background bank, which is below the threshold, so the
+from strided subsets of the background bank (1/512, then 1/32 near the threshold), which is below
+the threshold, so the
 thresholded mask is the exact one (see ``score_views``).
 
 Beyond the paper (``head``): a linear head fitted on the supports' own cells (class-balanced
