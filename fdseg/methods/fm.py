@@ -18,8 +18,7 @@ Several views of a query: ``score_many`` scores them, ``score_views`` also merge
 the margins flipped back) and, given the decision threshold (``exact_above``), matches exactly
 only the cells whose mask can depend on it: every other cell keeps an upper bound of its margin
 from strided subsets of the background bank (1/512, then 1/32 near the threshold), which is below
-the threshold, so the
-thresholded mask is the exact one (see ``score_views``).
+the threshold, so the thresholded mask is the exact one (see ``score_views``).
 
 Beyond the paper (``head``): a linear head fitted on the supports' own cells (class-balanced
 logistic regression on the cosine features, L2-regularised, a few L-BFGS steps at ``fit``) adds a
@@ -297,8 +296,9 @@ class FeatureMatching(Method):
         every cell whose exact margin stays in the band, until all of them are exact. Every other
         pixel is interpolated from cells whose bounds are below the band, so its exact value is below
         the threshold: the mask is the exact one, and the margins of the cells kept as bounds are
-        above their exact values but below the threshold. The grid's maximum is exact as well (the image-level defect score):
-        while some bound is above the best exact margin, the highest bounds are matched exactly.
+        above their exact values but below the threshold. The grid's maximum is exact as well (the
+        image-level defect score): while some bound is above the best exact margin, those bounds are
+        tightened with the 1/32 subset, then the highest matched exactly.
         None: every cell exact (= ``merge`` of ``score_many``)."""
         if len(queries) != len(flips):
             raise InputError("score_views", f"need one flip per query view, got {len(queries)} views and {len(flips)}")
