@@ -213,11 +213,14 @@ class _KeepLast:
         return getattr(self.seg, name)
 
 
-def _normals_key(cfg: BenchConfig) -> dict:
+def _normals_key(cfg: BenchConfig, seg=None) -> dict:
     """The normals / OK-query settings a run's results depend on (none: the key of a plain run)."""
     out = {}
     if cfg.normals:
         out["normals"] = {"dir": str(Path(cfg.normals).resolve()), "count": cfg.normal_count}
+        gate = seg.settings.get("ok_gate", "off") if seg is not None else "off"
+        if gate != "off":                          # (runs without the gate keep their keys)
+            out["normals"]["ok_gate"] = gate
     if cfg.ok_queries:
         out["ok_queries"] = {"dir": str(Path(cfg.ok_queries).resolve()), "count": cfg.ok_count}
     return out
@@ -225,7 +228,7 @@ def _normals_key(cfg: BenchConfig) -> dict:
 
 def _bench_one(cfg, seg, method, k, episodes, root, classes, out, normals_by: dict | None = None) -> dict:
     normals_by = normals_by or {}
-    log = RunLog(out / "runs" / f"{method}_{k}shot.jsonl", {**_run_key(cfg, seg, method, k), **_normals_key(cfg)})
+    log = RunLog(out / "runs" / f"{method}_{k}shot.jsonl", {**_run_key(cfg, seg, method, k), **_normals_key(cfg, seg)})
     gallery = _gallery_ids(episodes, cfg.gallery)
     todo = [e for e in episodes if e.id not in log.done]
     it = todo
@@ -248,7 +251,7 @@ def _bench_one(cfg, seg, method, k, episodes, root, classes, out, normals_by: di
                    "plan": seg.plan.summary(), "normals": len(normals or [])}
             if keep.last is not None:
                 rec.update(defect_score=keep.last.defect_score, is_defective=keep.last.is_defective,
-                           largest_cells=keep.last.largest_cells,
+                           largest_cells=keep.last.largest_cells, ok_gated=keep.last.ok_gated,
                            support_min_cells=getattr(seg.method, "min_defect_cells", None))
             if ep.id in gallery:
                 rel = f"gallery/{method}_{k}shot_{ep.dataset}_{ep.cls}_{Path(ep.query).stem}.jpg"

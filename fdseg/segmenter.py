@@ -33,6 +33,7 @@ from .features import FeatureConfig, FeatureExtractor, as_grid
 from .methods import Method, Query, Support, create_method
 from .pipeline import (AUGMENTATIONS, QUERY_VIEWS, ColourStep, Plan, Post, Prediction, QueryViews, SupportViews,
                        ThresholdStep, ZoomStep, choose_zoom, connected_boxes, finish, merge_views, view_images)
+from .pipeline.post import OkGate
 from .pipeline.zoom import ZOOM_BELOW_CELLS
 from .presets import DEFAULTS, resolve
 
@@ -67,6 +68,7 @@ class Model:
     max_pixels: int
     batch_size: int
     loader_threads: int
+    ok_gate: OkGate = OkGate("off")
 
     def rules(self) -> dict:
         """The settings and rule constants a fit's plan depends on (what a bench run key stores)."""
@@ -164,7 +166,7 @@ class FewShotSegmenter:
                  cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2,
                  support_augment: str | None = None, refine: str | None = None, refine_options: dict | None = None,
                  zoom: str | int | None = None, colour_refine: float | None = None,
-                 colour_options: dict | None = None, query_augment: str | None = None):
+                 colour_options: dict | None = None, query_augment: str | None = None, ok_gate: str = "off"):
         p = resolve(preset, dict(resize=resize, zoom=zoom, support_augment=support_augment,
                                  query_augment=query_augment, colour_refine=colour_refine,
                                  colour_options=colour_options, method_options=method_options, threshold=threshold))
@@ -182,6 +184,9 @@ class FewShotSegmenter:
                         zoom=zoom_setting, colour_refine=float(p["colour_refine"] or 0))
         if p["colour_options"]:
             settings["colour_options"] = dict(p["colour_options"])
+        gate = OkGate(ok_gate)
+        if gate.mode != "off":         # (the default is not written: plain bench runs keep their keys)
+            settings["ok_gate"] = gate.mode
         dev = torch.device(_pick_device(device))
         pre = Preprocess(mode=p["resize"], size=input_size, scale=tile_scale, overlap=tile_overlap,
                          antialias=antialias, zoom=1 if zoom_setting == "auto" else zoom_setting)
@@ -203,7 +208,8 @@ class FewShotSegmenter:
             query_views=QueryViews(p["query_augment"]),
             colour=ColourStep(settings["colour_refine"], tuple(sorted((p["colour_options"] or {}).items()))),
             threshold=ThresholdStep(settings["threshold"]), refiner=refiner, cache=FeatureCache(cache_size),
-            max_pixels=max_pixels, batch_size=max(1, int(batch_size)), loader_threads=max(1, int(loader_threads)))
+            max_pixels=max_pixels, batch_size=max(1, int(batch_size)), loader_threads=max(1, int(loader_threads)),
+            ok_gate=gate)
         self.state: FittedState | None = None
 
     def __setstate__(self, d: dict) -> None:      # unpickled: the state's view of the (new) model's extractor
@@ -325,7 +331,9 @@ class FewShotSegmenter:
         """Learn the defect from K support images and their masks (K >= 1); resolves the :attr:`plan`.
 
         ``normals``: defect-free images of the same product (files or arrays); their cells join the
-        matcher's background evidence (the method must take them: fm does)."""
+        matcher's background evidence (the method must take them: fm does). With ``ok_gate="median"``
+        (opt-in), from 5 normals on every fifth (at most 10) is held out instead and predicted to
+        calibrate the OK gate (:class:`fdseg.pipeline.post.OkGate`)."""
         if not isinstance(images, (list, tuple)):
             images, masks = [images], [masks]
         if not isinstance(masks, (list, tuple)) or len(images) != len(masks):
@@ -371,8 +379,13 @@ class FewShotSegmenter:
         # 3. query views, 4. the matcher on the bank
         qv = m.query_views.fit(n)
         decisions.append(qv if ex is not None else dataclasses.replace(qv, value="none", reason="no feature grid"))
+        held: list = []
         if normals:
-            nd = self._normal_features(normals, ex, tag)
+            if isinstance(normals, (str, Path, np.ndarray)):
+                raise InputError("normals", "expected a list of images (files or arrays), got a single one")
+            normals = list(normals)
+            fit_idx, held = m.ok_gate.split(len(normals)) if ex is not None else (range(len(normals)), [])
+            nd = self._normal_features([normals[i] for i in fit_idx], ex, tag)
             method.fit(supports, normals=nd)
         else:
             method.fit(supports)
@@ -388,6 +401,17 @@ class FewShotSegmenter:
             decisions.append(Decision("refine", m.settings["refine"], "set"))
         post = Post(th.value, m.refiner, colour if colour is not None and colour.active else None)
         self.state = FittedState(Plan(n, pre, tuple(decisions)), method, post, ex, tag, colour)
+        # 6. the OK gate: the held-out defect-free images predicted like queries (the gate still open)
+        if ex is not None and normals and m.ok_gate.mode != "off":
+            scores = []
+            for i, (_, res) in zip(held, self.predict_stream([normals[i] for i in held])):
+                if isinstance(res, BaseException):
+                    self.state = None
+                    raise InputError(_name(normals[i], i, "normal image"),
+                                     f"defect-free image held out for the OK gate: {getattr(res, 'problem', res)}")
+                scores.append(res.defect_score)
+            post.ok_level, gd = m.ok_gate.fit(scores, len(normals))
+            self.state = dataclasses.replace(self.state, plan=Plan(n, pre, tuple(decisions) + (gd,)))
         return self
 
     def _normal_features(self, normals: Sequence[ImageLike], ex: FeatureExtractor | None, tag: str) -> list[torch.Tensor]:

@@ -233,6 +233,7 @@ def test_normals_grow_the_bank_then_it_is_bounded_and_margins_drop(mt):
     default = fdseg.FewShotSegmenter(preset="fast", cache_size=128).fit([s_img], [s_mask], normals=normals)
     assert default.method.normal_head == "sample" and default.method.describe()["bg_cells"] == bg0
     assert default.method.describe()["normal_head_cells"] == 65536               # of 60 grids' 245,760 cells
+    assert default.method.describe()["normals"] == 60 and default.plan.get("ok gate") is None   # no gate by default
     # the default: only the head's vote moves (bounded), so on defect-free tiles the cells matched as
     # defect can only get fewer and the top margins drop (measured: 41 -> 34 cells, max -0.026 on average)
     seg.fit([s_img], [s_mask])
@@ -256,6 +257,61 @@ def test_verdicts_on_defect_free_queries_are_mostly_ok(mt, demo):
     for p in free + bad:
         assert p.is_defective == (p.largest_cells >= 1) and p.verdict in ("ok", "defective")
         assert (p.defect_score > 0) or not p.mask.any()      # a predicted pixel needs a margin above the threshold
+
+
+def test_ok_gate_holds_out_every_fifth_normal_and_takes_the_median():
+    from fdseg.pipeline.post import OK_GATE_MAX, OkGate
+    assert OkGate().mode == "off"                                           # opt-in
+    gate = OkGate("median")
+    assert gate.split(4) == ([0, 1, 2, 3], [])                              # under 5 normals: no gate
+    fit, held = gate.split(12)
+    assert held == [4, 9] and fit == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11]
+    fit, held = gate.split(200)
+    assert len(held) == OK_GATE_MAX == 10 and held[-1] == 49 and len(fit) == 190
+    assert OkGate("off").split(12) == (list(range(12)), [])
+    level, d = gate.fit([0.3, -0.1, 0.05], 15)
+    assert level == pytest.approx(0.05) and d.step == "ok gate" and "3 defect-free" in d.reason
+    assert gate.fit([], 3)[0] is None and "< 5" in gate.fit([], 3)[1].reason
+    assert OkGate("off").fit([0.1], 12)[0] is None
+    with pytest.raises(InputError, match="ok_gate"):
+        OkGate("max")
+
+
+def test_finish_gate_empties_a_query_no_more_defective_than_the_ok_level():
+    from fdseg.pipeline.finish import finish
+    from fdseg.pipeline.post import Post
+    margin = torch.full((8, 8), -0.5)
+    margin[2:4, 2:4] = 0.25                                  # a 2 x 2-cell defect, defect score 0.25
+    for level, gated in ((None, False), (0.1, False), (0.25, True), (0.5, True)):   # not above the level: OK
+        p = finish(margin, (64, 64), Post(0.0, ok_level=level), 0.1)
+        assert p.ok_gated == gated and p.defect_score == 0.25   # the score is kept for ranking
+        assert p.mask.any() == (not gated) and p.is_defective == (not gated) and bool(p.boxes) == (not gated)
+        assert (p.score < 0.5).all() == gated
+
+
+@pytest.mark.data
+def test_ok_gate_on_real_tiles_empties_only_queries_below_the_held_out_median(mt, demo):
+    torch.set_num_threads(1)
+    (s_img, s_mask), oks, normals = mt
+    normals = evenly(normals, 20)             # spread over the pool's acquisition groups, as a user's OK images
+    seg = fdseg.FewShotSegmenter(preset="fast", cache_size=128, ok_gate="median").fit([s_img], [s_mask],
+                                                                                      normals=normals)
+    level = seg.plan["ok gate"]
+    held = [normals[i] for i in (4, 9, 14, 19)]
+    assert seg.method.describe()["normals"] == 16
+    assert level == pytest.approx(float(np.median([seg.predict(h).defect_score for h in held])), abs=1e-6)
+    # the same fit without the gate (the same 16 normals in the fit): the masks are those, or empty
+    open_ = fdseg.FewShotSegmenter(preset="fast", cache_size=128).fit(
+        [s_img], [s_mask], normals=[n for n in normals if n not in held])
+    queries = list(oks) + [q for q, _ in demo.queries]
+    gated, plain = seg.predict(queries), open_.predict(queries)
+    for g, p in zip(gated, plain):
+        assert g.defect_score == pytest.approx(p.defect_score, abs=1e-6)
+        assert g.ok_gated == (p.defect_score <= level)
+        assert np.array_equal(g.mask, np.zeros_like(p.mask) if g.ok_gated else p.mask)
+    # measured: 2 of the 12 OK tiles below the level (judged OK, masks emptied), none of the 6 blowholes
+    assert sum(g.ok_gated for g in gated[:len(oks)]) >= 1
+    assert sum(g.ok_gated for g in gated[len(oks):]) <= 1 and sum(g.is_defective for g in gated[len(oks):]) >= 3
 
 
 @pytest.mark.data

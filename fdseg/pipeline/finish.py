@@ -6,8 +6,10 @@ Image-level verdict (:func:`verdict`): ``defect_score`` = the largest margin of 
 above the decision threshold (> 0: some cell is matched as defect; the bench's AUROC ranks images by
 it); ``is_defective`` = the final mask has an 8-connected component of at least ``min_cells`` grid
 cells (default 1: a region as large as one cell of the grid the matching sees; smaller specks are
-upsampling slivers of a cell whose margin is just above the threshold). See docs/normals.md for the
-rules measured.
+upsampling slivers of a cell whose margin is just above the threshold). A fit given defect-free
+images may have an OK gate (:class:`fdseg.pipeline.post.OkGate`): a query whose ``defect_score`` is not above
+the held-out defect-free images' median is judged OK and its mask emptied (``ok_gated``; opt-in). See
+docs/normals.md for the rules measured.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ class Prediction:
     defect_score: float = 0.0        # image-level: largest grid margin above the threshold (> 0: a defect cell)
     is_defective: bool = False       # image-level verdict: a mask component of >= min_cells grid cells
     largest_cells: float = 0.0       # the largest mask component, in grid cells
+    ok_gated: bool = False           # judged OK by the OK gate (defect score not above the OK images'): mask empty
 
     @property
     def verdict(self) -> str:
@@ -99,5 +102,10 @@ def finish(margin: torch.Tensor, size: tuple[int, int], post: Post, temperature:
         score = np.where(mask, np.maximum(score, 0.5 + 1e-3), np.minimum(score, 0.5 - 1e-3))
     grid = margin.float().cpu().numpy()
     d_score, defective, cells = verdict(grid, mask, t, min_cells)
+    gated = post.ok_level is not None and d_score <= post.ok_level
+    if gated:                        # no more defective than a typical OK image of the product: judged OK
+        mask = np.zeros_like(mask)
+        score = np.minimum(score, 0.5 - 1e-3)
+        defective, cells = False, 0.0
     return Prediction(mask, score.astype(np.float32, copy=False), grid, source,
-                      connected_boxes(mask), image, tuple(query_size or size), d_score, defective, cells)
+                      connected_boxes(mask), image, tuple(query_size or size), d_score, defective, cells, gated)
