@@ -213,14 +213,11 @@ class _KeepLast:
         return getattr(self.seg, name)
 
 
-def _normals_key(cfg: BenchConfig, seg=None) -> dict:
+def _normals_key(cfg: BenchConfig) -> dict:
     """The normals / OK-query settings a run's results depend on (none: the key of a plain run)."""
     out = {}
     if cfg.normals:
         out["normals"] = {"dir": str(Path(cfg.normals).resolve()), "count": cfg.normal_count}
-        gate = seg.settings.get("ok_gate", "off") if seg is not None else "off"
-        if gate != "off":                          # (runs without the gate keep their keys)
-            out["normals"]["ok_gate"] = gate
     if cfg.ok_queries:
         out["ok_queries"] = {"dir": str(Path(cfg.ok_queries).resolve()), "count": cfg.ok_count}
     return out
@@ -228,7 +225,7 @@ def _normals_key(cfg: BenchConfig, seg=None) -> dict:
 
 def _bench_one(cfg, seg, method, k, episodes, root, classes, out, normals_by: dict | None = None) -> dict:
     normals_by = normals_by or {}
-    log = RunLog(out / "runs" / f"{method}_{k}shot.jsonl", {**_run_key(cfg, seg, method, k), **_normals_key(cfg, seg)})
+    log = RunLog(out / "runs" / f"{method}_{k}shot.jsonl", {**_run_key(cfg, seg, method, k), **_normals_key(cfg)})
     gallery = _gallery_ids(episodes, cfg.gallery)
     todo = [e for e in episodes if e.id not in log.done]
     it = todo

@@ -185,7 +185,8 @@ class FewShotSegmenter:
         if p["colour_options"]:
             settings["colour_options"] = dict(p["colour_options"])
         gate = OkGate(ok_gate)
-        if gate.mode != "off":         # (the default is not written: plain bench runs keep their keys)
+        if gate.mode != "off":         # (a bench run's key holds the settings; the default is not written,
+            #                            so runs without the gate keep their keys)
             settings["ok_gate"] = gate.mode
         dev = torch.device(_pick_device(device))
         pre = Preprocess(mode=p["resize"], size=input_size, scale=tile_scale, overlap=tile_overlap,
@@ -379,12 +380,11 @@ class FewShotSegmenter:
         # 3. query views, 4. the matcher on the bank
         qv = m.query_views.fit(n)
         decisions.append(qv if ex is not None else dataclasses.replace(qv, value="none", reason="no feature grid"))
-        held: list = []
         if normals:
             if isinstance(normals, (str, Path, np.ndarray)):
                 raise InputError("normals", "expected a list of images (files or arrays), got a single one")
             normals = list(normals)
-            fit_idx, held = m.ok_gate.split(len(normals)) if ex is not None else (range(len(normals)), [])
+            fit_idx, held = m.ok_gate.split(len(normals))
             nd = self._normal_features([normals[i] for i in fit_idx], ex, tag)
             method.fit(supports, normals=nd)
         else:
@@ -402,7 +402,7 @@ class FewShotSegmenter:
         post = Post(th.value, m.refiner, colour if colour is not None and colour.active else None)
         self.state = FittedState(Plan(n, pre, tuple(decisions)), method, post, ex, tag, colour)
         # 6. the OK gate: the held-out defect-free images predicted like queries (the gate still open)
-        if ex is not None and normals and m.ok_gate.mode != "off":
+        if normals and m.ok_gate.mode != "off":
             scores = []
             for i, (_, res) in zip(held, self.predict_stream([normals[i] for i in held])):
                 if isinstance(res, BaseException):
@@ -418,8 +418,6 @@ class FewShotSegmenter:
         """Feature grids of the defect-free images, seen with the plan's preprocessing (cached per file)."""
         if ex is None or not getattr(self.model.method, "takes_normals", False):
             raise InputError("normals", f"method {self.settings['method']!r} does not use defect-free images")
-        if isinstance(normals, (str, Path, np.ndarray)):
-            raise InputError("normals", "expected a list of images (files or arrays), got a single one")
         # with a feature cache: the same files seen the same way as at the last fit give the same grids
         # (the cache keeps compact features, so a rebuilt grid would be a new tensor, and the method's
         # reduction of the normals, remembered per set of grids, would be redone at every fit of a bench)

@@ -117,15 +117,12 @@ class OkGate:
         if self.mode not in ("median", "off"):
             raise InputError("ok_gate", f"choose median or off, got {self.mode!r}")
 
-    def config(self) -> dict:
-        return {"ok_gate": self.mode}
-
     def split(self, n: int) -> tuple[list[int], list[int]]:
         """-> (indices of the ``n`` normals the matcher fits on, of the held-out ones that calibrate the gate)."""
         if self.mode == "off" or n < OK_GATE_EVERY:
             return list(range(n)), []
         held = list(range(OK_GATE_EVERY - 1, n, OK_GATE_EVERY))[:OK_GATE_MAX]
-        return [i for i in range(n) if i not in set(held)], held
+        return sorted(set(range(n)) - set(held)), held
 
     def fit(self, scores: list[float], n_normals: int) -> tuple[float | None, Decision]:
         """Defect scores of the held-out normals -> (gate level or None, Decision)."""
