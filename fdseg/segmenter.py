@@ -391,7 +391,8 @@ class FewShotSegmenter:
             method.fit(supports)
         decisions.append(_matcher_decision(method))
         # 5. post steps: colour rule, threshold, proposer
-        colour, cd = m.colour.fit([s.image for s in supports[:n]], [s.mask for s in supports[:n]]) \
+        grid = tuple(supports[0].features.shape[-2:]) if supports[0].features is not None else None
+        colour, cd = m.colour.fit([s.image for s in supports[:n]], [s.mask for s in supports[:n]], grid) \
             if m.colour.tau else (None, m.colour.fit([], [])[1])
         decisions.append(cd)
         th = m.threshold.fit(n, colour)

@@ -302,3 +302,90 @@ def test_colour_rule_is_used_only_if_it_keeps_the_supports_own_defect():
     assert FewShotSegmenter().fit(red, tiny).decision_threshold == pytest.approx(-0.04)
     with pytest.raises(InputError, match="min_kept"):
         ColourModel(min_kept=1.5)
+
+
+def _speckled(mask: np.ndarray, seed: int) -> np.ndarray:
+    """A 256 x 256 colour image: background pixels grey A (80 %), olive C (15 %) or dark red B (5 %),
+    defect pixels B (70 %) or C (30 %), drawn independently (the rule's own frame: no resampling)."""
+    rng = np.random.default_rng(seed)
+    a, b, c = (150, 150, 150), (150, 20, 20), (110, 110, 40)
+    u = rng.random(mask.shape)
+    img = np.empty(mask.shape + (3,), np.uint8)
+    img[...] = a
+    img[(u >= 0.80) & ~mask] = c
+    img[(u >= 0.95) & ~mask] = b
+    img[mask] = b
+    img[mask & (u < 0.30)] = c
+    return img
+
+
+def test_colour_rule_chooses_its_threshold_on_three_or_more_supports():
+    """Known answer. Defect pixels are 70 % colour B and 30 % C, the background 80 % A, 15 % C, 5 % B:
+    with the histograms' add-one smoothing, B is several times as likely in the defect as around it, C
+    about as likely (ratio 1-2), A almost never. The matching proposes a defect grown by about a grid
+    cell (4 px of the 256-px frame at a 64 x 64 grid). Around a 1-px line that growth is 8x the line's
+    area, so keeping C keeps 1.6x the line in background (IoU 0.38), keeping B only gives IoU 0.5: the
+    smallest candidate above C's ratio is chosen. Around a 60-px square the growth is a
+    quarter of its area: keeping C pays (IoU 0.95 vs 0.69), tau stays 0.3. One support, or
+    ``tune_from=0``, or no grid, or fewer than three supports: tau stays as set."""
+    from fdseg.refine.colour import ColourModel
+
+    def line(x0):
+        m = np.zeros((256, 256), bool)
+        m[20:236, x0] = True
+        return m
+
+    def square(y0):
+        m = np.zeros((256, 256), bool)
+        m[y0:y0 + 56, 90:146] = True
+        return m
+
+    lines = [line(60), line(120), line(180)]
+    imgs = [_speckled(m, i) for i, m in enumerate(lines)]
+    tuned = ColourModel().fit(imgs, lines, grid=(64, 64))
+    taus, ious = tuned.tuned
+    assert taus == (0.3, 0.5, 1.0, 2.0, 4.0)
+    ratio = {k: tuned.ratio(np.array([[rgb]], np.uint8))[0, 0] for k, rgb in
+             (("B", (150, 20, 20)), ("C", (110, 110, 40)))}
+    assert 1 <= ratio["C"] < 2 < 4 < ratio["B"], ratio
+    assert tuned.tau == 2 and tuned.active            # the smallest candidate above C's ratio
+    assert ious[0] == pytest.approx(0.38, abs=0.04) and ious[3] == pytest.approx(0.5, abs=0.05)
+    assert ious[0] == ious[1] == ious[2] and ious[3] == ious[4]
+    # on a new query: the line grown by a cell, trimmed by each rule
+    from scipy import ndimage
+    q_mask = line(90)
+    q_img = _speckled(q_mask, 7)
+    grown = ndimage.binary_dilation(q_mask, iterations=4)
+    loose = ColourModel().fit(imgs, lines)               # no grid: tau stays 0.3
+    assert loose.tau == 0.3 and loose.tuned is None
+    assert iou(tuned(q_img, grown), q_mask) > iou(loose(q_img, grown), q_mask) + 0.08
+    # one or two supports, or tune_from=0: as set
+    assert ColourModel().fit(imgs[:1], lines[:1], grid=(64, 64)).tau == 0.3
+    assert ColourModel().fit(imgs[:2], lines[:2], grid=(64, 64)).tau == 0.3
+    assert ColourModel(tune_from=2).fit(imgs[:2], lines[:2], grid=(64, 64)).tau > 0.3
+    assert ColourModel(tune_from=0).fit(imgs, lines, grid=(64, 64)).tau == 0.3
+    # a wide defect keeps tau (its grown mask is mostly defect); a stricter tau is a floor
+    squares = [square(20), square(100), square(180)]
+    wide = ColourModel().fit([_speckled(m, 3 + i) for i, m in enumerate(squares)], squares, grid=(64, 64))
+    assert wide.tau == 0.3 and wide.tuned[1][0] == pytest.approx(0.95, abs=0.03)
+    assert ColourModel(tau=1.5).fit(imgs, lines, grid=(64, 64)).tuned[0] == (1.5, 2.0, 4.0)
+    with pytest.raises(InputError, match="tune_from"):
+        ColourModel(tune_from=-1)
+
+
+def test_segmenter_chooses_the_colour_threshold_from_three_supports_on():
+    """In the segmenter: three supports with thin lines get the stricter rule, named in the plan; two
+    supports keep tau 0.3, one keeps it and its slack; the fast preset keeps it fixed."""
+    masks = [np.zeros((256, 256), bool) for _ in range(3)]
+    for m, x in zip(masks, (60, 120, 180)):
+        m[20:236, x] = True
+    imgs = [_speckled(m, i) for i, m in enumerate(masks)]
+    three = FewShotSegmenter().fit(imgs, masks)
+    assert three.colour.tau == 2 and three.decision_threshold == 0
+    colour_step = [d for d in three.plan.decisions if d.step == "colour"][0]
+    assert "chosen on the 3 supports" in colour_step.reason
+    assert FewShotSegmenter().fit(imgs[:2], masks[:2]).colour.tau == 0.3
+    one = FewShotSegmenter().fit(imgs[0], masks[0])
+    assert one.colour.tau == 0.3 and one.colour.tuned is None and one.decision_threshold < 0
+    assert FewShotSegmenter(colour_options={"tune_from": 0}).fit(imgs, masks).colour.tau == 0.3
+    assert FewShotSegmenter(preset="fast").fit(imgs, masks).colour.tau == 0.3

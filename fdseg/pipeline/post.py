@@ -37,19 +37,27 @@ class ColourStep:
     def config(self) -> dict:
         return {"colour": self.model().describe() if self.tau else None}
 
-    def fit(self, images: list[np.ndarray], masks: list[np.ndarray]):
-        """-> (fitted ColourModel or None, Decision)."""
+    def fit(self, images: list[np.ndarray], masks: list[np.ndarray], grid: tuple[int, int] | None = None):
+        """-> (fitted ColourModel or None, Decision). ``grid``: the matching's grid on the supports (from
+        ``tune_from`` supports on, tau is chosen on the supports with it)."""
         if not self.tau:
             return None, Decision("colour", "off", "colour_refine=0")
-        m = self.model().fit(images, masks)
+        m = self.model().fit(images, masks, grid)
+        chosen = ""
+        if m.tuned:
+            taus, ious = m.tuned
+            chosen = (f" (chosen on the {len(images)} supports: their masks grown by one grid cell, trimmed "
+                      f"at tau " + " / ".join(f"{t:g}" for t in taus) + ", IoU " + " / ".join(f"{v:.2f}" for v in ious)
+                      + ")")
         if m.active:
             return m, Decision("colour", f"{m.mode}, on", f"keeps {m.kept:.2f} >= {m.min_kept:g} of the supports' "
-                                                          f"defect pixels at tau {m.tau:g}")
+                                                          f"defect pixels at tau {m.tau:g}{chosen}")
         if m.table is None and m.kept == 0.0:
             return m, Decision("colour", "off", "no colour statistics (grey supports with grey=off, or no defect "
                                                 "pixel left in the frame)")
         return m, Decision("colour", f"{m.mode}, off", f"keeps {m.kept:.2f} < {m.min_kept:g} of the supports' "
-                                                       f"defect pixels: not a model of the defect")
+                                                       f"defect pixels at tau {m.tau:g}{chosen}: not a model of "
+                                                       f"the defect")
 
 
 @dataclass(frozen=True)

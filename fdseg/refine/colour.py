@@ -29,6 +29,17 @@ histogram of a few counts, which add-one smoothing flattens below the ring's: su
 most of the very defect it was fitted on, so it does not describe the defect's colour and is not used
 (and with it goes the slack).
 
+From three supports on, ``tau`` is chosen on the supports (``tune_from``): the matching decides per
+grid cell, so at best it proposes each defect grown by about one cell; the rule is asked to trim each
+support's mask, grown by one cell of the matching's grid, back to the mask, and the candidate
+(``tau`` itself or a stricter one of :data:`TUNE_TAUS`) whose trimmed masks have the highest IoU with
+the supports' masks, summed over the supports, is used (the smallest on a tie). A thin crack, whose
+grown mask is mostly background, gets a stricter rule; a wide blob, whose grown mask is mostly
+defect, keeps ``tau``. The choice is judged on the pixels it was fitted on, so it needs several
+supports: decided leave-one-dataset-out per shot count (BENCHMARKS.md), it is kept at 3 and 5 shots
+(+0.9 / +1.4 class-mean mIoU, no held-out dataset below -0.41) and not at 1 or 2 (sd_saliency_900 -0.8
+at 1-shot, VisA -1.1 at 2-shot, and at 2 shots it loses on the other datasets in 4 of 5 folds).
+
 Statistics are taken in a fixed frame (each support squeezed to ``frame`` x ``frame`` with the
 paper's mask resize, ``ring`` pixels there), so they do not depend on the images' resolution.
 """
@@ -54,6 +65,9 @@ def is_grey(rgb: np.ndarray) -> bool:
     return bool(np.abs(a[..., 0] - a[..., 1]).mean() < 1 and np.abs(a[..., 1] - a[..., 2]).mean() < 1)
 
 
+TUNE_TAUS = (0.3, 0.5, 1.0, 2.0, 4.0)   # the candidates from three supports on (those >= tau)
+
+
 @dataclass
 class ColourModel:
     """Histogram ratio of the supports' defect pixels to the background ring around them: of their
@@ -68,9 +82,11 @@ class ColourModel:
     window: int = 63          # local-contrast window, pixels of the frame (scaled to other sizes)
     slack: float = 0.04       # with one support and the rule in effect, the matching's threshold is lowered by this
     min_kept: float = 0.5     # used only if it keeps at least this share of the supports' own defect pixels
+    tune_from: int = 3        # from this many supports on, tau is chosen on the supports (0 = never)
     table: np.ndarray | None = field(default=None, repr=False)   # histogram ratios once fitted
     mode: str = field(default="rgb", init=False, repr=False)   # what the fitted table indexes: rgb / contrast
     kept: float = field(default=0.0, init=False, repr=False)   # share of the supports' defect pixels it keeps
+    tuned: tuple | None = field(default=None, init=False, repr=False)   # (candidates, their IoU) when tau was chosen
 
     def __post_init__(self):
         if self.tau < 0:
@@ -81,6 +97,8 @@ class ColourModel:
             raise InputError("colour_refine", f"need ring >= 0 and frame >= 8, got {self.ring}, {self.frame}")
         if not 0 <= self.min_kept <= 1:
             raise InputError("colour_refine", f"min_kept must be in 0..1, got {self.min_kept}")
+        if self.tune_from < 0:
+            raise InputError("colour_refine", f"tune_from must be >= 0, got {self.tune_from}")
         if not 0 <= self.slack <= 1:
             raise InputError("colour_refine", f"slack must be in 0..1, got {self.slack}")
         if self.grey not in ("contrast", "rgb", "off"):
@@ -101,12 +119,15 @@ class ColourModel:
         q = (rgb[..., :3].astype(np.int64) * self.bins) // 256
         return (q[..., 0] * self.bins + q[..., 1]) * self.bins + q[..., 2]
 
-    def fit(self, images: list[np.ndarray], masks: list[np.ndarray]) -> "ColourModel":
-        """Histograms from support images (H x W x 3 uint8) and their boolean masks."""
+    def fit(self, images: list[np.ndarray], masks: list[np.ndarray],
+            grid: tuple[int, int] | None = None) -> "ColourModel":
+        """Histograms from support images (H x W x 3 uint8) and their boolean masks. ``grid``: the
+        matching's grid (rows, columns) on the supports; with it, from ``tune_from`` supports on,
+        ``tau`` is chosen on the supports (module docstring)."""
         from scipy import ndimage
 
         from ..data.preprocess import resize_mask
-        self.mode = "rgb"
+        self.mode, self.tuned = "rgb", None
         if self.grey != "rgb" and images and all(is_grey(im) for im in images):
             if self.grey == "off":
                 self.table = None
@@ -114,7 +135,7 @@ class ColourModel:
             self.mode = "contrast"
         n = self.contrast if self.mode == "contrast" else self.bins ** 3
         fg, bg = np.ones(n), np.ones(n)
-        defect_bins = []
+        defect_bins, framed = [], []
         for rgb, m in zip(images, masks):
             size = (self.frame, self.frame)
             idx = self._index(_resize_rgb(rgb, size))
@@ -123,13 +144,36 @@ class ColourModel:
             fg += np.bincount(idx[m], minlength=n)
             bg += np.bincount(idx[near], minlength=n)
             defect_bins.append(idx[m])
+            framed.append((idx, m))
         defect_bins = np.concatenate(defect_bins)
         # no defect pixel survived the frame: nothing is known about the defect's colour, keep everything
         self.table = (fg / fg.sum()) / (bg / bg.sum()) if len(defect_bins) else None
+        if self.table is not None and self.tau > 0 and grid and self.tune_from and len(images) >= self.tune_from:
+            self.tau = self._tune(framed, self.frame / float(np.sqrt(grid[0] * grid[1])))
         self.kept = float((self.table[defect_bins] >= self.tau).mean()) if self.table is not None else 0.0
         if self.table is not None and self.tau > 0 and self.kept < self.min_kept:
             self.table = None      # it would remove most of the supports' own defect: not a model of it
         return self
+
+    def _tune(self, framed: list[tuple[np.ndarray, np.ndarray]], cell: float) -> float:
+        """The candidate tau that best trims the supports' masks grown by one grid cell (``cell`` pixels
+        of the frame) back to the masks (IoU of the summed counts; the smallest candidate on a tie)."""
+        from scipy import ndimage
+        taus = [self.tau] + [t for t in TUNE_TAUS if t > self.tau]
+        grow = max(1, round(cell))
+        counts = np.zeros((len(taus), 3))
+        for idx, m in framed:
+            if not m.any():
+                continue
+            ratio = self.table[idx]
+            grown = ndimage.binary_dilation(m, iterations=grow)
+            for i, t in enumerate(taus):
+                keep = grown & (ratio >= t)
+                tp = np.count_nonzero(keep & m)
+                counts[i] += (tp, np.count_nonzero(keep) - tp, np.count_nonzero(m) - tp)
+        iou = counts[:, 0] / np.maximum(1, counts.sum(1))
+        self.tuned = (tuple(taus), tuple(float(v) for v in iou))
+        return float(taus[int(np.argmax(iou))])
 
     @property
     def active(self) -> bool:
@@ -158,4 +202,5 @@ class ColourModel:
 
     def describe(self) -> dict:
         return {"tau": self.tau, "bins": self.bins, "ring": self.ring, "frame": self.frame, "grey": self.grey,
-                "contrast": self.contrast, "window": self.window, "slack": self.slack, "min_kept": self.min_kept}
+                "contrast": self.contrast, "window": self.window, "slack": self.slack, "min_kept": self.min_kept,
+                "tune_from": self.tune_from}
