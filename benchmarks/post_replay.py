@@ -116,8 +116,10 @@ def compare(a) -> None:
         cm = benchmark_mean(runs[name])["class_mean_miou"]
         print(f"{name} {dict(opts)}: " + " | ".join(f"{s.dataset} {100 * s.miou:.1f} / {100 * s.fbiou:.1f}"
                                                     for s in runs[name]) + f" | class mean {100 * cm:.2f}")
-    print("\nleave one dataset out: gain of new over base on the other datasets' classes, and on the held-out one")
     ious = {n: {s.dataset: list(s.class_iou.values()) for s in r} for n, r in runs.items()}
+    if len(ious["base"]) < 2:
+        return
+    print("\nleave one dataset out: gain of new over base on the other datasets' classes, and on the held-out one")
     for held in ious["base"]:
         other = [np.mean([v for d, x in ious[n].items() if d != held for v in x]) for n in ("base", "new")]
         mine = [np.mean(ious[n][held]) for n in ("base", "new")]
