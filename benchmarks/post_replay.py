@@ -13,6 +13,7 @@ depend on the post steps, so a replay gives the masks ``fdseg bench`` gives with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import pickle
 import sys
@@ -50,6 +51,14 @@ def collect(a) -> None:
     out = Path(a.out)
     done = pickle.loads(out.read_bytes()) if out.exists() else {"preset": a.preset, "episodes": {}}
     seg = FewShotSegmenter(preset=a.preset, cache_size=192)
+    grids: list = []
+
+    class Recording(ColourStep):      # the colour step as the segmenter runs it, keeping the supports' grids
+        def fit(self, images, masks, g=None):
+            grids.append(g)
+            return super().fit(images, masks, g)
+
+    seg.model = dataclasses.replace(seg.model, colour=Recording(seg.model.colour.tau, seg.model.colour.options))
 
     class Keep:                       # the segmenter as run_episode uses it, keeping the prediction
         def fit(self, *x, **kw):
@@ -67,7 +76,7 @@ def collect(a) -> None:
         keep = Keep()
         run_episode(keep, cat.root, ep, 256)
         done["episodes"][ep.id] = {"episode": ep, "margin": keep.last.margin_grid.astype(np.float32),
-                                   "root": str(cat.root)}
+                                   "grids": grids[-1], "root": str(cat.root)}
         if i % 20 == 0:
             _save(done, out)
             print(f"{i + 1}/{len(eps)} episodes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -94,7 +103,7 @@ def replay(saved: dict, options: tuple, tau: float = 0.3) -> dict[str, list[dict
         ep, root = rec["episode"], Path(rec["root"])
         rgbs = [image(root / p) for p in ep.supports]
         masks = [load_mask(root / m, size=im.shape[:2]) for m, im in zip(ep.support_masks, rgbs)]
-        colour, _ = step.fit(rgbs, masks, tuple(rec["margin"].shape)) if tau else (None, None)
+        colour, _ = step.fit(rgbs, masks, rec["grids"]) if tau else (None, None)
         threshold = ThresholdStep(0.0).fit(len(rgbs), colour).value
         post = Post(threshold, None, colour if colour is not None and colour.active else None)
         query = image(root / ep.query)

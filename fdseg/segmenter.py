@@ -391,8 +391,8 @@ class FewShotSegmenter:
             method.fit(supports)
         decisions.append(_matcher_decision(method))
         # 5. post steps: colour rule, threshold, proposer
-        grid = tuple(supports[0].features.shape[-2:]) if supports[0].features is not None else None
-        colour, cd = m.colour.fit([s.image for s in supports[:n]], [s.mask for s in supports[:n]], grid) \
+        grids = [tuple(s.features.shape[-2:]) for s in supports[:n]] if ex is not None else None
+        colour, cd = m.colour.fit([s.image for s in supports[:n]], [s.mask for s in supports[:n]], grids) \
             if m.colour.tau else (None, m.colour.fit([], [])[1])
         decisions.append(cd)
         th = m.threshold.fit(n, colour)

@@ -342,7 +342,8 @@ def test_colour_rule_chooses_its_threshold_on_three_or_more_supports():
 
     lines = [line(60), line(120), line(180)]
     imgs = [_speckled(m, i) for i, m in enumerate(lines)]
-    tuned = ColourModel().fit(imgs, lines, grid=(64, 64))
+    G = [(64, 64)] * 3                     # the matching's grid on each support
+    tuned = ColourModel().fit(imgs, lines, grids=G)
     taus, ious = tuned.tuned
     assert taus == (0.3, 0.5, 1.0, 2.0, 4.0)
     ratio = {k: tuned.ratio(np.array([[rgb]], np.uint8))[0, 0] for k, rgb in
@@ -360,15 +361,18 @@ def test_colour_rule_chooses_its_threshold_on_three_or_more_supports():
     assert loose.tau == 0.3 and loose.tuned is None
     assert iou(tuned(q_img, grown), q_mask) > iou(loose(q_img, grown), q_mask) + 0.08
     # one or two supports, or tune_from=0: as set
-    assert ColourModel().fit(imgs[:1], lines[:1], grid=(64, 64)).tau == 0.3
-    assert ColourModel().fit(imgs[:2], lines[:2], grid=(64, 64)).tau == 0.3
-    assert ColourModel(tune_from=2).fit(imgs[:2], lines[:2], grid=(64, 64)).tau > 0.3
-    assert ColourModel(tune_from=0).fit(imgs, lines, grid=(64, 64)).tau == 0.3
+    assert ColourModel().fit(imgs[:1], lines[:1], grids=G[:1]).tau == 0.3
+    assert ColourModel().fit(imgs[:2], lines[:2], grids=G[:2]).tau == 0.3
+    assert ColourModel(tune_from=2).fit(imgs[:2], lines[:2], grids=G[:2]).tau > 0.3
+    assert ColourModel(tune_from=0).fit(imgs, lines, grids=G).tau == 0.3
     # a wide defect keeps tau (its grown mask is mostly defect); a stricter tau is a floor
     squares = [square(20), square(100), square(180)]
-    wide = ColourModel().fit([_speckled(m, 3 + i) for i, m in enumerate(squares)], squares, grid=(64, 64))
+    wide = ColourModel().fit([_speckled(m, 3 + i) for i, m in enumerate(squares)], squares, grids=G)
     assert wide.tau == 0.3 and wide.tuned[1][0] == pytest.approx(0.95, abs=0.03)
-    assert ColourModel(tau=1.5).fit(imgs, lines, grid=(64, 64)).tuned[0] == (1.5, 2.0, 4.0)
+    assert ColourModel(tau=1.5).fit(imgs, lines, grids=G).tuned[0] == (1.5, 2.0, 4.0)
+    # each support is grown by its own grid's cell: a coarser grid grows it more (lower IoU at tau 0.3)
+    coarse = ColourModel().fit(imgs, lines, grids=[(32, 32)] * 3)
+    assert coarse.tuned[1][0] < tuned.tuned[1][0]
     with pytest.raises(InputError, match="tune_from"):
         ColourModel(tune_from=-1)
 

@@ -161,7 +161,7 @@ def test_colour_threshold_chosen_on_five_real_supports(defects_root):
         for ep in make_episodes(cat.subset([ds], [cls], 10), 5, seed=2)[:4]:
             ims = [load_image(cat.root / p) for p in ep.supports]
             ms = [load_mask(cat.root / p, size=i.shape[:2]) for p, i in zip(ep.support_masks, ims)]
-            assert ColourModel().fit(ims, ms, grid=(64, 64)).tau == want, ep.id
+            assert ColourModel().fit(ims, ms, grids=[(64, 64)] * 5).tau == want, ep.id
     sub = cat.subset(["crackforest"], None, 10)
     seg = FewShotSegmenter(cache_size=16)
     counts = {"chosen": np.zeros(3), "tau 0.3": np.zeros(3)}

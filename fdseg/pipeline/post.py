@@ -37,12 +37,12 @@ class ColourStep:
     def config(self) -> dict:
         return {"colour": self.model().describe() if self.tau else None}
 
-    def fit(self, images: list[np.ndarray], masks: list[np.ndarray], grid: tuple[int, int] | None = None):
-        """-> (fitted ColourModel or None, Decision). ``grid``: the matching's grid on the supports (from
-        ``tune_from`` supports on, tau is chosen on the supports with it)."""
+    def fit(self, images: list[np.ndarray], masks: list[np.ndarray], grids: list[tuple[int, int]] | None = None):
+        """-> (fitted ColourModel or None, Decision). ``grids``: the matching's grid on each support (from
+        ``tune_from`` supports on, tau is chosen on the supports with them)."""
         if not self.tau:
             return None, Decision("colour", "off", "colour_refine=0")
-        m = self.model().fit(images, masks, grid)
+        m = self.model().fit(images, masks, grids)
         chosen = ""
         if m.tuned:
             taus, ious = m.tuned

@@ -120,9 +120,9 @@ class ColourModel:
         return (q[..., 0] * self.bins + q[..., 1]) * self.bins + q[..., 2]
 
     def fit(self, images: list[np.ndarray], masks: list[np.ndarray],
-            grid: tuple[int, int] | None = None) -> "ColourModel":
-        """Histograms from support images (H x W x 3 uint8) and their boolean masks. ``grid``: the
-        matching's grid (rows, columns) on the supports; with it, from ``tune_from`` supports on,
+            grids: list[tuple[int, int]] | None = None) -> "ColourModel":
+        """Histograms from support images (H x W x 3 uint8) and their boolean masks. ``grids``: the
+        matching's grid (rows, columns) on each support; with them, from ``tune_from`` supports on,
         ``tau`` is chosen on the supports (module docstring)."""
         from scipy import ndimage
 
@@ -148,25 +148,26 @@ class ColourModel:
         defect_bins = np.concatenate(defect_bins)
         # no defect pixel survived the frame: nothing is known about the defect's colour, keep everything
         self.table = (fg / fg.sum()) / (bg / bg.sum()) if len(defect_bins) else None
-        if self.table is not None and self.tau > 0 and grid and self.tune_from and len(images) >= self.tune_from:
-            self.tau = self._tune(framed, self.frame / float(np.sqrt(grid[0] * grid[1])))
+        if self.table is not None and self.tau > 0 and grids and self.tune_from and len(images) >= self.tune_from:
+            cells = [self.frame / float(np.sqrt(gh * gw)) for gh, gw in grids]
+            self.tau = self._tune(framed, cells)
         self.kept = float((self.table[defect_bins] >= self.tau).mean()) if self.table is not None else 0.0
         if self.table is not None and self.tau > 0 and self.kept < self.min_kept:
             self.table = None      # it would remove most of the supports' own defect: not a model of it
         return self
 
-    def _tune(self, framed: list[tuple[np.ndarray, np.ndarray]], cell: float) -> float:
-        """The candidate tau that best trims the supports' masks grown by one grid cell (``cell`` pixels
-        of the frame) back to the masks (IoU of the summed counts; the smallest candidate on a tie)."""
+    def _tune(self, framed: list[tuple[np.ndarray, np.ndarray]], cells: list[float]) -> float:
+        """The candidate tau that best trims the supports' masks grown by one grid cell (``cells``: pixels
+        of the frame per cell, per support) back to the masks (IoU of the summed counts; the smallest
+        candidate on a tie)."""
         from scipy import ndimage
         taus = [self.tau] + [t for t in TUNE_TAUS if t > self.tau]
-        grow = max(1, round(cell))
         counts = np.zeros((len(taus), 3))
-        for idx, m in framed:
+        for (idx, m), cell in zip(framed, cells):
             if not m.any():
                 continue
             ratio = self.table[idx]
-            grown = ndimage.binary_dilation(m, iterations=grow)
+            grown = ndimage.binary_dilation(m, iterations=max(1, round(cell)))
             for i, t in enumerate(taus):
                 keep = grown & (ratio >= t)
                 tp = np.count_nonzero(keep & m)
