@@ -365,6 +365,9 @@ def test_colour_rule_chooses_its_threshold_on_three_or_more_supports():
     assert ColourModel().fit(imgs[:2], lines[:2], grids=G[:2]).tau == 0.3
     assert ColourModel(tune_from=2).fit(imgs[:2], lines[:2], grids=G[:2]).tau > 0.3
     assert ColourModel(tune_from=0).fit(imgs, lines, grids=G).tau == 0.3
+    # a refit starts from tau as set, not from the last choice
+    assert tuned.fit(imgs[:2], lines[:2], grids=G[:2]).tau == 0.3 and tuned.tuned is None
+    assert tuned.fit(imgs, lines, grids=G).tau == 2 and tuned.describe()["tau"] == 0.3
     # a wide defect keeps tau (its grown mask is mostly defect); a stricter tau is a floor
     squares = [square(20), square(100), square(180)]
     wide = ColourModel().fit([_speckled(m, 3 + i) for i, m in enumerate(squares)], squares, grids=G)

@@ -87,10 +87,12 @@ class ColourModel:
     mode: str = field(default="rgb", init=False, repr=False)   # what the fitted table indexes: rgb / contrast
     kept: float = field(default=0.0, init=False, repr=False)   # share of the supports' defect pixels it keeps
     tuned: tuple | None = field(default=None, init=False, repr=False)   # (candidates, their IoU) when tau was chosen
+    base_tau: float = field(default=0.0, init=False, repr=False)       # tau as set (each fit starts from it)
 
     def __post_init__(self):
         if self.tau < 0:
             raise InputError("colour_refine", f"tau must be >= 0, got {self.tau}")
+        self.base_tau = self.tau
         if not 2 <= self.bins <= 64:
             raise InputError("colour_refine", f"bins must be in 2..64, got {self.bins}")
         if self.ring < 0 or self.frame < 8:
@@ -127,7 +129,7 @@ class ColourModel:
         from scipy import ndimage
 
         from ..data.preprocess import resize_mask
-        self.mode, self.tuned = "rgb", None
+        self.mode, self.tuned, self.tau = "rgb", None, self.base_tau
         if self.grey != "rgb" and images and all(is_grey(im) for im in images):
             if self.grey == "off":
                 self.table = None
@@ -202,6 +204,6 @@ class ColourModel:
         return out
 
     def describe(self) -> dict:
-        return {"tau": self.tau, "bins": self.bins, "ring": self.ring, "frame": self.frame, "grey": self.grey,
+        return {"tau": self.base_tau, "bins": self.bins, "ring": self.ring, "frame": self.frame, "grey": self.grey,
                 "contrast": self.contrast, "window": self.window, "slack": self.slack, "min_kept": self.min_kept,
                 "tune_from": self.tune_from}
