@@ -45,8 +45,8 @@ def _save(obj, path: Path) -> None:
 def collect(a) -> None:
     torch.set_num_threads(a.threads)
     cat = scan(a.data)
-    if a.datasets:
-        cat = cat.subset(a.datasets, None, None)
+    if a.datasets or a.max_per_class:
+        cat = cat.subset(a.datasets, None, a.max_per_class)
     eps = make_episodes(cat, a.shots, 2)
     out = Path(a.out)
     done = pickle.loads(out.read_bytes()) if out.exists() else {"preset": a.preset, "episodes": {}}
@@ -74,9 +74,9 @@ def collect(a) -> None:
         if ep.id in done["episodes"]:
             continue
         keep = Keep()
-        run_episode(keep, cat.root, ep, 256)
+        gt, pred, _, _ = run_episode(keep, cat.root, ep, 256)
         done["episodes"][ep.id] = {"episode": ep, "margin": keep.last.margin_grid.astype(np.float32),
-                                   "grids": grids[-1], "root": str(cat.root)}
+                                   "grids": grids[-1], "root": str(cat.root), "counts": episode_counts(gt, pred)}
         if i % 20 == 0:
             _save(done, out)
             print(f"{i + 1}/{len(eps)} episodes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -110,7 +110,7 @@ def replay(saved: dict, options: tuple, tau: float = 0.3) -> dict[str, list[dict
         pred = finish(torch.from_numpy(rec["margin"]), (256, 256), post, 1.0, image=query).mask
         gt = resize_mask(load_mask(root / ep.query_mask, size=query.shape[:2]), (256, 256))
         tp, fp, fn, tn = episode_counts(gt, pred)
-        per[ep.dataset].append({"cls": ep.cls, "tp": tp, "fp": fp, "fn": fn, "tn": tn})
+        per[ep.dataset].append({"cls": ep.cls, "tp": tp, "fp": fp, "fn": fn, "tn": tn, "id": ep.id})
     return per
 
 
@@ -145,6 +145,7 @@ def main() -> None:
     c.add_argument("--out", required=True)
     c.add_argument("--preset", default="accurate")
     c.add_argument("--datasets", nargs="*")
+    c.add_argument("--max-per-class", type=int, default=None, help="first N images of each class only")
     c.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("compare", help="replay the post steps with two sets of colour options")
     r.add_argument("margins")

@@ -179,3 +179,28 @@ def test_colour_threshold_chosen_on_five_real_supports(defects_root):
             counts[name] += (tp, fp, fn)
     iou = {k: v[0] / v.sum() for k, v in counts.items()}
     assert iou["chosen"] > iou["tau 0.3"] + 0.02, iou
+
+
+def test_post_replay_gives_the_bench_masks(defects_root, tmp_path):
+    """benchmarks/post_replay.py (how the colour rule's threshold was decided on every episode) keeps
+    the default's margins and redoes the post steps: with the default's options it must give the very
+    counts the segmenter gave on the same episodes (5-shot, where the rule chooses tau), and the rule
+    turned off must change the thin cracks' masks."""
+    import argparse
+    import importlib.util
+    import pickle
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "post_replay.py"
+    spec = importlib.util.spec_from_file_location("post_replay", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "m5.pkl"
+    mod.collect(argparse.Namespace(data=str(defects_root), shots=5, out=str(out), preset="accurate",
+                                   datasets=["crackforest"], max_per_class=8, threads=1))
+    saved = pickle.loads(out.read_bytes())
+    assert len(saved["episodes"]) == 8
+    live = {k: r["counts"][:3] for k, r in saved["episodes"].items()}
+    same = {e["id"]: (e["tp"], e["fp"], e["fn"]) for e in mod.replay(saved, ())["crackforest"]}
+    assert same == live
+    fixed = {e["id"]: (e["tp"], e["fp"], e["fn"]) for e in mod.replay(saved, (("tune_from", 0),))["crackforest"]}
+    assert fixed != live
