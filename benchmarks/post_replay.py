@@ -3,12 +3,13 @@ paper episode in minutes instead of a whole bench per variant.
 
 ``collect`` runs a preset over the paper's episodes (the bench's own episode path, 256 x 256
 metric) and keeps each query's margin grid; ``compare`` redoes the post steps (colour rule, its slack,
-threshold) from those margins for the colour rule as the package fits it and with the options given,
+threshold) from those margins with the default colour rule and the options given (a preset's own
+colour options are not applied: give them),
 and prints per-dataset mIoU, the class mean and the leave-one-dataset-out folds. The margins do not
 depend on the post steps, so a replay gives the masks ``fdseg bench`` gives with the same settings.
 
     python benchmarks/post_replay.py collect --shots 5 --out m5.pkl            # resumable
-    python benchmarks/post_replay.py compare m5.pkl --base tune_from=0 --new tune_from=2
+    python benchmarks/post_replay.py compare m5.pkl --base tune_from=0 --new tune_from=1
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from fdseg import FewShotSegmenter
-from fdseg.bench import run_episode
+from fdseg.bench import _KeepLast, run_episode
 from fdseg.data import load_mask, make_episodes, scan
 from fdseg.data.images import load_image
 from fdseg.data.preprocess import resize_mask
@@ -60,20 +61,11 @@ def collect(a) -> None:
 
     seg.model = dataclasses.replace(seg.model, colour=Recording(seg.model.colour.tau, seg.model.colour.options))
 
-    class Keep:                       # the segmenter as run_episode uses it, keeping the prediction
-        def fit(self, *x, **kw):
-            seg.fit(*x, **kw)
-            return self
-
-        def predict(self, *x, **kw):
-            self.last = seg.predict(*x, **kw)
-            return self.last
-
     t0 = time.time()
     for i, ep in enumerate(eps):
         if ep.id in done["episodes"]:
             continue
-        keep = Keep()
+        keep = _KeepLast(seg)             # the segmenter as the bench runs it, keeping the prediction
         gt, pred, _, _ = run_episode(keep, cat.root, ep, 256)
         done["episodes"][ep.id] = {"episode": ep, "margin": keep.last.margin_grid.astype(np.float32),
                                    "grids": grids[-1], "root": str(cat.root), "counts": episode_counts(gt, pred)}
