@@ -53,7 +53,7 @@ def _wrap(owner, attr: str, label: str) -> None:
 
 
 def _modules() -> list:
-    """The fdseg modules that call upsample_scores / connected_boxes by their own global name."""
+    """The fdseg modules that call upsample_scores / components by their own global name."""
     import importlib
     out = [seg_mod]
     for name in ("fdseg.pipeline.finish",):
@@ -80,7 +80,8 @@ def instrument() -> None:
     _wrap(S, "_score", "views + score")
     for mod in _modules():
         _wrap(mod, "upsample_scores", "upsample")
-        _wrap(mod, "connected_boxes", "boxes")
+        # the components' labelling (verdict + boxes: one call since they share it; before, two)
+        _wrap(mod, "components" if hasattr(mod, "components") else "connected_boxes", "components")
     _wrap(ColourModel, "__call__", "colour rule")
     _wrap(ColourModel, "fit", "colour fit")
     _wrap(S, "fit", "fit")
@@ -112,7 +113,7 @@ def breakdown(n: int) -> dict[str, float]:
                                           - (bb_total - bb_image))
         out["upsample"] = t.get("upsample", 0.0)
         out["colour rule"] = t.get("colour rule", 0.0)
-        out["boxes"] = t.get("boxes", 0.0)
+        out["components (verdict, boxes)"] = t.get("components", 0.0)
         out["total"] = t["predict"]
         out["other"] = out["total"] - sum(v for k, v in out.items() if k != "total")
     else:

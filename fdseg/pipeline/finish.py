@@ -27,32 +27,35 @@ MIN_CELLS = 1.0     # is_defective: the mask has a component of at least this ma
 
 def largest_component(mask: np.ndarray) -> int:
     """Pixels of the largest 8-connected component of ``mask`` (0 when empty)."""
-    from scipy import ndimage
-    if not mask.any():
-        return 0
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    return int(np.bincount(lab.ravel())[1:].max()) if n else 0
+    return components(mask)[0]
 
 
 def verdict(margin_grid: np.ndarray, mask: np.ndarray, threshold: float,
-            min_cells: float = MIN_CELLS) -> tuple[float, bool, float]:
-    """-> (defect_score, is_defective, largest component in grid cells) of one prediction (rule above)."""
+            min_cells: float = MIN_CELLS, largest: int | None = None) -> tuple[float, bool, float]:
+    """-> (defect_score, is_defective, largest component in grid cells) of one prediction (rule above).
+    ``largest``: the mask's largest component in pixels, where the caller has it (else computed)."""
     score = float(margin_grid.max()) - threshold if margin_grid.size else float("-inf")
-    cells = largest_component(mask) * margin_grid.size / mask.size if mask.size else 0.0
+    if largest is None:
+        largest = largest_component(mask)
+    cells = largest * margin_grid.size / mask.size if mask.size else 0.0
     return score, bool(cells >= min_cells and cells > 0), float(cells)
+
+
+def components(mask: np.ndarray) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """One labelling of the 8-connected components -> (largest component's pixels, every component's
+    bounding box (x0, y0, x1, y1; x1/y1 exclusive))."""
+    from scipy import ndimage
+    if not mask.any():
+        return 0, []
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    boxes = [(int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop))
+             for sl in ndimage.find_objects(lab) if sl is not None]
+    return (int(np.bincount(lab.ravel())[1:].max()) if n else 0), boxes
 
 
 def connected_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
     """Bounding boxes (x0, y0, x1, y1; x1/y1 exclusive) of the 8-connected components."""
-    from scipy import ndimage
-    if not mask.any():
-        return []
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    boxes = []
-    for sl in ndimage.find_objects(lab):
-        if sl is not None:
-            boxes.append((int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop)))
-    return boxes
+    return components(mask)[1]
 
 
 @dataclass
@@ -101,11 +104,12 @@ def finish(margin: torch.Tensor, size: tuple[int, int], post: Post, temperature:
         # keep the score map consistent with the refined mask (0.5 = decision boundary)
         score = np.where(mask, np.maximum(score, 0.5 + 1e-3), np.minimum(score, 0.5 - 1e-3))
     grid = margin.float().cpu().numpy()
-    d_score, defective, cells = verdict(grid, mask, t, min_cells)
+    largest, boxes = components(mask)
+    d_score, defective, cells = verdict(grid, mask, t, min_cells, largest)
     gated = post.ok_level is not None and d_score <= post.ok_level
     if gated:                        # no more defective than a typical OK image of the product: judged OK
         mask = np.zeros_like(mask)
         score = np.minimum(score, 0.5 - 1e-3)
-        defective, cells = False, 0.0
+        defective, cells, boxes = False, 0.0, []
     return Prediction(mask, score.astype(np.float32, copy=False), grid, source,
-                      connected_boxes(mask), image, tuple(query_size or size), d_score, defective, cells, gated)
+                      boxes, image, tuple(query_size or size), d_score, defective, cells, gated)
