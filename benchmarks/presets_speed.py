@@ -84,6 +84,9 @@ def paper_loop(device: str) -> FewShotSegmenter:
     if getattr(ex, "channels_last", False):    # the paper's code: the default memory layout
         ex.channels_last = False
         ex.backbone.to(memory_format=torch.contiguous_format)
+    # ... and its BatchNorms as they are (the extractor folds them into the convolutions)
+    from fdseg.backbones import create_backbone
+    ex.backbone = create_backbone("efficientnet_lite0").to(ex.device)
     return seg
 
 

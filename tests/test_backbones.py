@@ -53,6 +53,40 @@ def test_lite0_deterministic_and_frozen():
     assert not any(p.requires_grad for p in bb.parameters()) and not bb.training
 
 
+def test_fused_lite0_keeps_its_function():
+    """fuse() folds every BatchNorm into the convolution before it (inference only): none is left, the
+    ImageNet logits and the feature maps of real photos equal the unfused network's within fp32
+    rounding (at a square and at an odd-sized input, where the 'SAME' padding is asymmetric), the
+    parameters stay frozen, and a backbone in training mode is refused."""
+    from torch import nn
+    from fdseg.backbones.efficientnet_lite import SameConv2d
+    from fdseg.features import FeatureExtractor
+    plain, fused = create_backbone("efficientnet_lite0"), create_backbone("efficientnet_lite0").fuse()
+    assert any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert not any(p.requires_grad for p in fused.parameters())
+    x = _batch(["chelsea.png", "coffee.png"])
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.classify(fused.normalize(x)), plain.classify(plain.normalize(x)),
+                                   rtol=1e-4, atol=1e-3)
+        for size in (224, 197):
+            y = _batch(["chelsea.png", "astronaut.png"], size)
+            for a, b in zip(fused(fused.normalize(y)), plain(plain.normalize(y))):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the extractor fuses an eval-mode backbone unless told not to
+    assert not any(isinstance(m, nn.BatchNorm2d)
+                   for m in FeatureExtractor(create_backbone("efficientnet_lite0"), amp=False).backbone.modules())
+    kept = FeatureExtractor(create_backbone("efficientnet_lite0"), amp=False, fuse=False).backbone
+    assert any(isinstance(m, nn.BatchNorm2d) for m in kept.modules())
+    with pytest.raises(RuntimeError, match="eval"):
+        create_backbone("efficientnet_lite0").train().fuse()
+    # 'SAME' padding done by the convolution where it is symmetric equals the explicit pad
+    conv = SameConv2d(8, 8, 5, stride=1, groups=8, bias=False)
+    z = torch.randn(1, 8, 13, 10)
+    torch.testing.assert_close(conv(z), torch.nn.functional.conv2d(
+        torch.nn.functional.pad(z, [2, 2, 2, 2]), conv.weight, None, 1, 0, 1, 8), rtol=0, atol=1e-6)
+
+
 def test_weights_file_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         create_backbone("efficientnet_lite0", weights=tmp_path / "missing.pth")

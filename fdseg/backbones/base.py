@@ -35,6 +35,11 @@ class Backbone(nn.Module):
         std = torch.tensor(self.std, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
         return (rgb.float() - mean) / std
 
+    def fuse(self) -> "Backbone":
+        """Inference-time rewrites that keep the function (e.g. BatchNorm folded into convolutions);
+        none by default. Called by ``FeatureExtractor`` on a backbone in eval mode."""
+        return self
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .base import Backbone, load_into, load_state_dict_file
 from .registry import register_backbone
@@ -47,8 +48,9 @@ class SameConv2d(nn.Conv2d):
         else:
             ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
             pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if ph or pw:
-            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        if ph % 2 == 0 and pw % 2 == 0:       # symmetric (stride 1): the convolution pads, no copy
+            return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2), self.dilation, self.groups)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
@@ -112,6 +114,24 @@ class EfficientNetLite(Backbone):
         self.strides = tuple(_STAGE_STRIDE[t - 1] for t in self.taps)
         self.channels = tuple(blocks[b]._bn2.num_features for b in self.tap_blocks)
         self.mean, self.std = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)
+
+    @torch.no_grad()
+    def fuse(self) -> "EfficientNetLite":
+        """Inference only: fold every BatchNorm's running statistics into the convolution before it
+        (one pass over each map instead of two; the same function up to float rounding)."""
+        if self.training:
+            raise RuntimeError(f"{self.name}: fuse() is for inference; call eval() first")
+        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        pairs += [(b, c, n) for b in self._blocks for c, n in
+                  (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+                  if hasattr(b, c)]
+        for mod, conv, bn in pairs:
+            if isinstance(getattr(mod, bn), nn.BatchNorm2d):
+                fused = fuse_conv_bn_eval(getattr(mod, conv), getattr(mod, bn))
+                fused.requires_grad_(False)
+                setattr(mod, conv, fused)
+                setattr(mod, bn, nn.Identity())
+        return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))
