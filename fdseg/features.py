@@ -107,6 +107,14 @@ class FeatureExtractor:
         if self.preprocess.size % self.config.stride:
             raise InputError("--feature-stride", "input size must be a multiple of the feature stride")
 
+    def images_per_pass(self, n: int) -> int:
+        """Images of one size run through the backbone together: on the CPU one at a time (as fast per
+        image as batches of 2 or 4 on one or two threads, a zoomed image's activations not multiplied
+        by the batch, and one set of oneDNN kernels per input size, shared by the fit's and the queries'
+        passes: BENCHMARKS.md, speed); elsewhere (a GPU) all ``n`` at once. Per-image features equal
+        the batch's (tests/test_matching_speed.py)."""
+        return 1 if self.device.type == "cpu" else max(1, n)
+
     @property
     def channels(self) -> int:
         return int(sum(self.backbone.channels))
@@ -148,20 +156,24 @@ class FeatureExtractor:
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
             by_size.setdefault(self.preprocess.input_size(*im.shape[:2]), []).append(i)
-        for (H, W), idx in by_size.items():
-            xs = [resize_image(to_tensor(images[i], self.device), (H, W), self.preprocess.antialias) for i in idx]
-            x = self.backbone.normalize(torch.cat(xs))
+        for (H, W), same in by_size.items():
             tiles = self.preprocess.tiles(H, W)
-            if len(tiles) == 1:
-                maps, grid = self._maps(x)
-                for j, i in enumerate(idx):
-                    # each image's own 1 x C x h x w copy (a view would keep the batch's tensor alive), in
-                    # the batch's memory layout, so that its grid is bit-identical to the batch's
-                    out[i] = LayerMaps([m[j:j + 1].clone() for m in maps], grid, self.config.local_avg)
-            else:
-                feats = self._tiled(x, tiles)
-                for j, i in enumerate(idx):
-                    out[i] = feats[j].clone() if len(idx) > 1 else feats[j]
+            per = self.images_per_pass(len(same))
+            for start in range(0, len(same), per):
+                idx = same[start:start + per]
+                xs = [resize_image(to_tensor(images[i], self.device), (H, W), self.preprocess.antialias)
+                      for i in idx]
+                x = self.backbone.normalize(torch.cat(xs))
+                if len(tiles) == 1:
+                    maps, grid = self._maps(x)
+                    for j, i in enumerate(idx):
+                        # each image's own 1 x C x h x w copy (a view would keep the batch's tensor alive),
+                        # in the batch's memory layout, so that its grid is bit-identical to the batch's
+                        out[i] = LayerMaps([m[j:j + 1].clone() for m in maps], grid, self.config.local_avg)
+                else:
+                    feats = self._tiled(x, tiles)
+                    for j, i in enumerate(idx):
+                        out[i] = feats[j].clone() if len(idx) > 1 else feats[j]
         return out  # type: ignore[return-value]
 
     def _tiled(self, x: torch.Tensor, tiles: list[tuple[int, int, int, int]]) -> torch.Tensor:

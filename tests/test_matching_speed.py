@@ -213,6 +213,32 @@ def test_predict_uses_the_pruned_search_with_the_exact_mask_and_defect_score(def
 
 
 @pytest.mark.data
+def test_cpu_backbone_passes_take_one_image_each(defects_root, monkeypatch):
+    """On the CPU the backbone sees one image per pass (zoomed 1024-px and squeezed 256-px inputs
+    alike); the features equal those of one batch of all of them (what a GPU runs)."""
+    from fdseg import features
+    from fdseg.backbones import create_backbone
+    from fdseg.data import Preprocess
+    sup, _, query = _pair(defects_root, "visa/capsules")
+    ims = [sup, query, np.ascontiguousarray(sup[::-1]), np.ascontiguousarray(query[:, ::-1])]
+    for pre in (Preprocess(mode="auto", zoom=2), Preprocess(mode="resize")):
+        ex = features.FeatureExtractor(create_backbone("efficientnet_lite0"), pre)
+        assert ex.images_per_pass(4) == 1
+        seen = []
+        orig = ex._maps
+        monkeypatch.setattr(ex, "_maps", lambda x: seen.append(x.shape[0]) or orig(x))
+        split = ex.batch_maps(ims)
+        assert seen == [1, 1, 1, 1]
+        monkeypatch.setattr(ex, "images_per_pass", lambda n: n)       # a GPU's rule
+        seen.clear()
+        whole = ex.batch_maps(ims)
+        assert seen == [4]
+        for a, b in zip(split, whole):
+            torch.testing.assert_close(features.as_grid(a), features.as_grid(b), rtol=0, atol=1e-5)
+        monkeypatch.undo()
+
+
+@pytest.mark.data
 def test_channels_last_backbone_gives_the_same_features(defects_root):
     """The extractor runs its convolutions channels-last (3-4x faster under bf16 on the CPU); the
     features equal the default layout's within rounding, at a square and a zoomed input: 1e-5 in fp32;
