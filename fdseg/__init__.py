@@ -7,13 +7,13 @@
 """
 import os
 
-# oneDNN keeps a compiled kernel per matmul / convolution shape (1024 by default). The pruned matching
-# multiplies a different number of rows for every query, so a long run filled that cache by ~4 MB per
-# query (a 5-shot bench: +1 GB per 300 episodes). 64 shapes still held ~330 MB on zoomed images (each
-# backbone layer at each input size is a shape); 4 measured as fast as 64 or 1024 (creating a kernel is
-# cheap next to running it: BENCHMARKS.md, memory). Read by oneDNN when it first runs, so it holds even
-# where torch was imported before fdseg; a value set by the user wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4")
+# oneDNN keeps a compiled kernel per matmul / convolution shape (1024 by default). One backbone pass at one
+# input size uses 48 of them (33 convolutions and their weights' reorders, bf16): with fewer, every pass
+# recompiles them all (a 256 x 256 pass 17 -> 10 ms at 64 shapes, BENCHMARKS.md). A long run with many
+# shapes (the pruned matching's row counts, zoomed inputs) grows by ~1-2 MB per shape held, so the cap
+# is one pass plus the matching's shapes, not the default. Read by oneDNN when it first runs, so it
+# holds even where torch was imported before fdseg; a value set by the user wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 from .backbones import create_backbone, list_backbones, register_backbone
 from .errors import FdsegError, InputError, MissingExtraError
