@@ -87,10 +87,10 @@ class FeatureExtractor:
 
     def __init__(self, backbone: Backbone, preprocess: Preprocess | None = None,
                  config: FeatureConfig | None = None, device: str | torch.device = "cpu",
-                 amp: bool | None = None, channels_last: bool = True, fuse: bool = True):
+                 amp: bool | None = None, channels_last: bool = True, fold_batchnorm: bool = True):
         # BatchNorm folded into the convolutions where the backbone can (an eval-mode backbone only)
-        if fuse and not backbone.training and hasattr(backbone, "fuse"):
-            backbone = backbone.fuse()
+        if fold_batchnorm and not backbone.training and hasattr(backbone, "fold_batchnorm"):
+            backbone = backbone.fold_batchnorm()
         self.backbone = backbone
         self.preprocess = preprocess or Preprocess()
         self.config = config or FeatureConfig()

@@ -54,14 +54,14 @@ def test_lite0_deterministic_and_frozen():
 
 
 def test_fused_lite0_keeps_its_function():
-    """fuse() folds every BatchNorm into the convolution before it (inference only): none is left, the
+    """fold_batchnorm() folds every BatchNorm into the convolution before it (inference only): none is left, the
     ImageNet logits and the feature maps of real photos equal the unfused network's within fp32
     rounding (at a square and at an odd-sized input, where the 'SAME' padding is asymmetric), the
     parameters stay frozen, and a backbone in training mode is refused."""
     from torch import nn
     from fdseg.backbones.efficientnet_lite import SameConv2d
     from fdseg.features import FeatureExtractor
-    plain, fused = create_backbone("efficientnet_lite0"), create_backbone("efficientnet_lite0").fuse()
+    plain, fused = create_backbone("efficientnet_lite0"), create_backbone("efficientnet_lite0").fold_batchnorm()
     assert any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert not any(p.requires_grad for p in fused.parameters())
@@ -76,10 +76,10 @@ def test_fused_lite0_keeps_its_function():
     # the extractor fuses an eval-mode backbone unless told not to
     assert not any(isinstance(m, nn.BatchNorm2d)
                    for m in FeatureExtractor(create_backbone("efficientnet_lite0"), amp=False).backbone.modules())
-    kept = FeatureExtractor(create_backbone("efficientnet_lite0"), amp=False, fuse=False).backbone
+    kept = FeatureExtractor(create_backbone("efficientnet_lite0"), amp=False, fold_batchnorm=False).backbone
     assert any(isinstance(m, nn.BatchNorm2d) for m in kept.modules())
     with pytest.raises(RuntimeError, match="eval"):
-        create_backbone("efficientnet_lite0").train().fuse()
+        create_backbone("efficientnet_lite0").train().fold_batchnorm()
     # 'SAME' padding done by the convolution where it is symmetric equals the explicit pad
     conv = SameConv2d(8, 8, 5, stride=1, groups=8, bias=False)
     z = torch.randn(1, 8, 13, 10)

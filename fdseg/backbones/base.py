@@ -35,9 +35,10 @@ class Backbone(nn.Module):
         std = torch.tensor(self.std, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
         return (rgb.float() - mean) / std
 
-    def fuse(self) -> "Backbone":
-        """Inference-time rewrites that keep the function (e.g. BatchNorm folded into convolutions);
-        none by default. Called by ``FeatureExtractor`` on a backbone in eval mode."""
+    def fold_batchnorm(self) -> "Backbone":
+        """Fold BatchNorm layers into the convolutions before them, for inference (the same function
+        up to rounding); a backbone that has none returns itself. ``FeatureExtractor`` calls it on a
+        backbone in eval mode."""
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract

@@ -116,11 +116,11 @@ class EfficientNetLite(Backbone):
         self.mean, self.std = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)
 
     @torch.no_grad()
-    def fuse(self) -> "EfficientNetLite":
+    def fold_batchnorm(self) -> "EfficientNetLite":
         """Inference only: fold every BatchNorm's running statistics into the convolution before it
         (one pass over each map instead of two; the same function up to float rounding)."""
         if self.training:
-            raise RuntimeError(f"{self.name}: fuse() is for inference; call eval() first")
+            raise RuntimeError(f"{self.name}: fold_batchnorm() is for inference; call eval() first")
         pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
         pairs += [(b, c, n) for b in self._blocks for c, n in
                   (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
