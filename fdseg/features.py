@@ -168,8 +168,10 @@ class FeatureExtractor:
                     maps, grid = self._maps(x)
                     for j, i in enumerate(idx):
                         # each image's own 1 x C x h x w copy (a view would keep the batch's tensor alive),
-                        # in the batch's memory layout, so that its grid is bit-identical to the batch's
-                        out[i] = LayerMaps([m[j:j + 1].clone() for m in maps], grid, self.config.local_avg)
+                        # in the batch's memory layout, so that its grid is bit-identical to the batch's;
+                        # a batch of one is its own
+                        own = maps if len(idx) == 1 else [m[j:j + 1].clone() for m in maps]
+                        out[i] = LayerMaps(own, grid, self.config.local_avg)
                 else:
                     feats = self._tiled(x, tiles)
                     for j, i in enumerate(idx):
