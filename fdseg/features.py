@@ -88,7 +88,8 @@ class FeatureExtractor:
     def __init__(self, backbone: Backbone, preprocess: Preprocess | None = None,
                  config: FeatureConfig | None = None, device: str | torch.device = "cpu",
                  amp: bool | None = None, channels_last: bool = True, fold_batchnorm: bool = True):
-        # BatchNorm folded into the convolutions where the backbone can (an eval-mode backbone only)
+        # BatchNorm folded into the convolutions where the backbone can (an eval-mode backbone only; in
+        # place: the extractor owns its backbone, as create_backbone gives each segmenter its own)
         if fold_batchnorm and not backbone.training and hasattr(backbone, "fold_batchnorm"):
             backbone = backbone.fold_batchnorm()
         self.backbone = backbone

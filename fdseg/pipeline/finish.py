@@ -47,10 +47,10 @@ def components(mask: np.ndarray) -> tuple[int, list[tuple[int, int, int, int]]]:
     from scipy import ndimage
     if not mask.any():
         return 0, []
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    lab, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     boxes = [(int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop))
              for sl in ndimage.find_objects(lab) if sl is not None]
-    return (int(np.bincount(lab.ravel())[1:].max()) if n else 0), boxes
+    return int(np.bincount(lab.ravel())[1:].max()), boxes
 
 
 def connected_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
