@@ -10,10 +10,16 @@ depend on the post steps, so a replay gives the masks ``fdseg bench`` gives with
 
     python benchmarks/post_replay.py collect --shots 5 --out m5.pkl            # resumable
     python benchmarks/post_replay.py compare m5.pkl --base tune_from=0 --new tune_from=1
+
+``collect --view-subsets`` also keeps, where the query is matched in three views (1-shot), the margins of
+the query alone (``views1``) and of the query with its left-right flip (``views2``), each pruned at the
+same threshold as the three: ``compare --base-margin margin --new-margin views1`` then measures what the
+query's views add, on the same episodes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import pickle
@@ -21,6 +27,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -61,17 +68,32 @@ def collect(a) -> None:
 
     seg.model = dataclasses.replace(seg.model, colour=Recording(seg.model.colour.tau, seg.model.colour.options))
 
-    t0 = time.time()
-    for i, ep in enumerate(eps):
-        if ep.id in done["episodes"]:
-            continue
-        keep = _KeepLast(seg)             # the segmenter as the bench runs it, keeping the prediction
-        gt, pred, _, _ = run_episode(keep, cat.root, ep, 256)
-        done["episodes"][ep.id] = {"episode": ep, "margin": keep.last.margin_grid.astype(np.float32),
-                                   "grids": grids[-1], "root": str(cat.root), "counts": episode_counts(gt, pred)}
-        if i % 20 == 0:
-            _save(done, out)
-            print(f"{i + 1}/{len(eps)} episodes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    subsets: dict = {}
+    with contextlib.ExitStack() as stack:
+        if getattr(a, "view_subsets", False):   # the query alone, and with its left-right flip, beside the three
+            from fdseg.methods.fm import FeatureMatching
+            whole = FeatureMatching.score_views
+
+            def score_views(self, queries, flips, exact_above=None):
+                if len(queries) == 3:
+                    subsets["views1"] = whole(self, queries[:1], flips[:1], exact_above).float().numpy()
+                    subsets["views2"] = whole(self, queries[:2], flips[:2], exact_above).float().numpy()
+                return whole(self, queries, flips, exact_above)
+            stack.enter_context(mock.patch.object(FeatureMatching, "score_views", score_views))
+
+        t0 = time.time()
+        for i, ep in enumerate(eps):
+            if ep.id in done["episodes"]:
+                continue
+            subsets.clear()
+            keep = _KeepLast(seg)             # the segmenter as the bench runs it, keeping the prediction
+            gt, pred, _, _ = run_episode(keep, cat.root, ep, 256)
+            done["episodes"][ep.id] = {"episode": ep, "margin": keep.last.margin_grid.astype(np.float32),
+                                       "grids": grids[-1], "root": str(cat.root),
+                                       "counts": episode_counts(gt, pred), **subsets}
+            if i % 20 == 0:
+                _save(done, out)
+                print(f"{i + 1}/{len(eps)} episodes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     _save(done, out)
 
 
@@ -83,8 +105,10 @@ def _options(items: list[str]) -> tuple:
     return tuple(sorted(out.items()))
 
 
-def replay(saved: dict, options: tuple, tau: float = 0.3) -> dict[str, list[dict]]:
-    """Per-dataset episode counts of the masks from the saved margins with these colour options."""
+def replay(saved: dict, options: tuple, tau: float = 0.3, margin: str = "margin") -> dict[str, list[dict]]:
+    """Per-dataset episode counts of the masks from the saved margins with these colour options
+    (``margin``: which saved margins; an episode without them, e.g. one not matched in three views,
+    uses its own)."""
     @functools.lru_cache(maxsize=32)
     def image(p):
         return load_image(p)
@@ -99,7 +123,7 @@ def replay(saved: dict, options: tuple, tau: float = 0.3) -> dict[str, list[dict
         threshold = ThresholdStep(0.0).fit(len(rgbs), colour).value
         post = Post(threshold, None, colour if colour is not None and colour.active else None)
         query = image(root / ep.query)
-        pred = finish(torch.from_numpy(rec["margin"]), (256, 256), post, 1.0, image=query).mask
+        pred = finish(torch.from_numpy(rec.get(margin, rec["margin"])), (256, 256), post, 1.0, image=query).mask
         gt = resize_mask(load_mask(root / ep.query_mask, size=query.shape[:2]), (256, 256))
         tp, fp, fn, tn = episode_counts(gt, pred)
         per[ep.dataset].append({"cls": ep.cls, "tp": tp, "fp": fp, "fn": fn, "tn": tn, "id": ep.id})
@@ -111,11 +135,11 @@ def compare(a) -> None:
     root = Path(next(iter(saved["episodes"].values()))["root"])
     classes = {ds: sorted(c) for ds, c in scan(root).classes.items()}
     runs = {}
-    for name, opts in (("base", _options(a.base)), ("new", _options(a.new))):
-        per = replay(saved, opts)
+    for name, opts, key in (("base", _options(a.base), a.base_margin), ("new", _options(a.new), a.new_margin)):
+        per = replay(saved, opts, margin=key)
         runs[name] = [dataset_scores(ds, classes[ds], e) for ds, e in sorted(per.items())]
         cm = benchmark_mean(runs[name])["class_mean_miou"]
-        print(f"{name} {dict(opts)}: " + " | ".join(f"{s.dataset} {100 * s.miou:.1f} / {100 * s.fbiou:.1f}"
+        print(f"{name} {dict(opts)} {key}: " + " | ".join(f"{s.dataset} {100 * s.miou:.1f} / {100 * s.fbiou:.1f}"
                                                     for s in runs[name]) + f" | class mean {100 * cm:.2f}")
     ious = {n: {s.dataset: list(s.class_iou.values()) for s in r} for n, r in runs.items()}
     if len(ious["base"]) < 2:
@@ -139,10 +163,14 @@ def main() -> None:
     c.add_argument("--datasets", nargs="*")
     c.add_argument("--max-per-class", type=int, default=None, help="first N images of each class only")
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--view-subsets", action="store_true",
+                   help="also keep the margins of the query alone and with its left-right flip (1-shot)")
     r = sub.add_parser("compare", help="replay the post steps with two sets of colour options")
     r.add_argument("margins")
     r.add_argument("--base", nargs="*", default=[], help="colour options KEY=VALUE (e.g. tune_from=0)")
     r.add_argument("--new", nargs="*", default=[], help="colour options KEY=VALUE")
+    r.add_argument("--base-margin", default="margin", help="margin, views1 or views2 (collect --view-subsets)")
+    r.add_argument("--new-margin", default="margin", help="margin, views1 or views2")
     a = p.parse_args()
     collect(a) if a.cmd == "collect" else compare(a)
 

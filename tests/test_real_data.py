@@ -204,3 +204,36 @@ def test_post_replay_gives_the_bench_masks(defects_root, tmp_path):
     assert same == live
     fixed = {e["id"]: (e["tp"], e["fp"], e["fn"]) for e in mod.replay(saved, (("tune_from", 0),))["crackforest"]}
     assert fixed != live
+
+
+def test_post_replay_view_subsets_give_the_one_view_masks(defects_root, tmp_path):
+    """``collect --view-subsets`` (how the query's views were measured at 1-shot) keeps the margins of the
+    query alone beside the three views': replayed, they must give the masks of a segmenter that matches
+    the query alone (``query_augment="none"``) on the same episodes, and the patch must not outlive it."""
+    import argparse
+    import importlib.util
+    import pickle
+    from pathlib import Path
+
+    from fdseg.methods.fm import FeatureMatching
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "post_replay.py"
+    spec = importlib.util.spec_from_file_location("post_replay", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "m1.pkl"
+    before = FeatureMatching.score_views
+    mod.collect(argparse.Namespace(data=str(defects_root), shots=1, out=str(out), preset="accurate",
+                                   datasets=["magnetic_tile"], max_per_class=2, threads=1, view_subsets=True))
+    assert FeatureMatching.score_views is before
+    saved = pickle.loads(out.read_bytes())
+    recs = saved["episodes"]
+    assert len(recs) == 10 and all(r["views1"].shape == r["margin"].shape == r["views2"].shape for r in recs.values())
+    live = {k: r["counts"][:3] for k, r in recs.items()}
+    assert {e["id"]: (e["tp"], e["fp"], e["fn"]) for e in mod.replay(saved, ())["magnetic_tile"]} == live
+    one = {e["id"]: (e["tp"], e["fp"], e["fn"]) for e in mod.replay(saved, (), margin="views1")["magnetic_tile"]}
+    alone = FewShotSegmenter(query_augment="none")
+    root = Path(next(iter(recs.values()))["root"])
+    for k, r in recs.items():
+        gt, pred, _, _ = run_episode(alone, root, r["episode"], 256)
+        assert episode_counts(gt, pred)[:3] == one[k], k
+    assert one != live          # the views change some masks
