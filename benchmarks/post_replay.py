@@ -7,6 +7,9 @@ threshold) from those margins with the default colour rule and the options given
 colour options are not applied: give them),
 and prints per-dataset mIoU, the class mean and the leave-one-dataset-out folds. The margins do not
 depend on the post steps, so a replay gives the masks ``fdseg bench`` gives with the same settings.
+They are exact at and above the collected run's own threshold (the pruned search): to replay a looser
+threshold (the slack given where the collected run withheld it), collect with it (``--colour-option
+min_trimmed=0``) and compare variants that only raise it.
 
     python benchmarks/post_replay.py collect --shots 5 --out m5.pkl            # resumable
     python benchmarks/post_replay.py compare m5.pkl --base tune_from=0 --new tune_from=1
@@ -58,7 +61,8 @@ def collect(a) -> None:
     eps = make_episodes(cat, a.shots, 2)
     out = Path(a.out)
     done = pickle.loads(out.read_bytes()) if out.exists() else {"preset": a.preset, "episodes": {}}
-    seg = FewShotSegmenter(preset=a.preset, cache_size=192)
+    options = dict(_options(getattr(a, "colour_option", None)))    # e.g. min_trimmed=0: the slack always
+    seg = FewShotSegmenter(preset=a.preset, cache_size=192, **({"colour_options": options} if options else {}))
     grids: list = []
 
     class Recording(ColourStep):      # the colour step as the segmenter runs it, keeping the supports' grids
@@ -131,7 +135,9 @@ def replay(saved: dict, options: tuple, tau: float = 0.3, margin: str = "margin"
 
 
 def compare(a) -> None:
-    saved = pickle.loads(Path(a.margins).read_bytes())
+    saved = {"episodes": {}}
+    for path in a.margins:              # several collected runs (e.g. split by dataset) are merged
+        saved["episodes"].update(pickle.loads(Path(path).read_bytes())["episodes"])
     root = Path(next(iter(saved["episodes"].values()))["root"])
     classes = {ds: sorted(c) for ds, c in scan(root).classes.items()}
     runs = {}
@@ -163,10 +169,13 @@ def main() -> None:
     c.add_argument("--datasets", nargs="*")
     c.add_argument("--max-per-class", type=int, default=None, help="first N images of each class only")
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--colour-option", nargs="*", default=[],
+                   help="colour options KEY=VALUE of the collected run (its margins are exact at its own threshold: "
+                        "collect with the loosest variant to be compared)")
     c.add_argument("--view-subsets", action="store_true",
                    help="also keep the margins of the query alone and with its left-right flip (1-shot)")
     r = sub.add_parser("compare", help="replay the post steps with two sets of colour options")
-    r.add_argument("margins")
+    r.add_argument("margins", nargs="+", help="collected runs (merged)")
     r.add_argument("--base", nargs="*", default=[], help="colour options KEY=VALUE (e.g. tune_from=0)")
     r.add_argument("--new", nargs="*", default=[], help="colour options KEY=VALUE")
     r.add_argument("--base-margin", default="margin", help="margin, views1 or views2 (collect --view-subsets)")
