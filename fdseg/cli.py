@@ -53,7 +53,8 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
                         "background around them; 0 = off")
     g.add_argument("--colour-option", action="append", default=[], metavar="KEY=VALUE",
                    help="colour rule setting, repeatable: slack=0.04 (matching threshold lowered with a single "
-                        "support while the rule is in effect), min_kept=0.5 (the rule is used only if it keeps this share of "
+                        "support while the rule is in effect), min_trimmed=0.5 (the slack only if the rule removes this share of the "
+                        "background ring around the support's defect), min_kept=0.5 (the rule is used only if it keeps this share of "
                         "the supports' own defect pixels), tune_from=3 (from this many supports on TAU is chosen on the "
                         "supports; 0 = never), grey=contrast|rgb|off (grey images), contrast=8, window=63, bins=8, ring=8")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")

@@ -304,6 +304,35 @@ def test_colour_rule_is_used_only_if_it_keeps_the_supports_own_defect():
         ColourModel(min_kept=1.5)
 
 
+def test_slack_only_where_the_colour_rule_trims_the_ring_around_the_support_defect():
+    """Known answer: the slack lowers a single support's threshold so that the colour rule trims what
+    the looser matching adds around the defect; it is given only if the rule removes at least half of
+    the ring around the support's defect. A dark defect in a texture that is 70 % that dark colour:
+    the rule keeps the whole defect (it is used) but removes only the ring's light pixels (~0.3), so
+    no slack. A red defect on brown: the rule removes the whole ring, so the slack. ``min_trimmed=0``
+    gives the slack whenever the rule is on; bad values are refused."""
+    from fdseg.refine.colour import ColourModel
+    rng = np.random.default_rng(0)
+    dark = (rng.random((256, 256)) < 0.7)[..., None]
+    texture = np.where(dark, np.array((45, 40, 40), np.uint8), np.array((155, 150, 150), np.uint8)).astype(np.uint8)
+    m = np.zeros((256, 256), bool)
+    m[100:156, 120:130] = True
+    texture[m] = (45, 40, 40)
+    c = ColourModel().fit([texture], [m])
+    assert c.active and c.kept == 1.0 and 0.2 < c.trimmed < 0.4 and not c.loosens
+    red = np.full((256, 256, 3), (120, 90, 60), np.uint8)
+    red[m] = (200, 30, 30)
+    r = ColourModel().fit([red], [m])
+    assert r.trimmed == 1.0 and r.loosens
+    assert ColourModel(min_trimmed=0).fit([texture], [m]).loosens
+    seg = FewShotSegmenter().fit(texture, m)
+    assert seg.colour.active and seg.decision_threshold == 0.0 and "no slack" in str(seg.plan)
+    assert FewShotSegmenter().fit(red, m).decision_threshold == pytest.approx(-0.04)
+    assert FewShotSegmenter(colour_options={"min_trimmed": 0}).fit(texture, m).decision_threshold == pytest.approx(-0.04)
+    with pytest.raises(InputError, match="min_trimmed"):
+        ColourModel(min_trimmed=2)
+
+
 def _speckled(mask: np.ndarray, seed: int) -> np.ndarray:
     """A 256 x 256 colour image: background pixels grey A (80 %), olive C (15 %) or dark red B (5 %),
     defect pixels B (70 %) or C (30 %), drawn independently (the rule's own frame: no resampling)."""

@@ -237,3 +237,33 @@ def test_post_replay_view_subsets_give_the_one_view_masks(defects_root, tmp_path
         gt, pred, _, _ = run_episode(alone, root, r["episode"], 256)
         assert episode_counts(gt, pred)[:3] == one[k], k
     assert one != live          # the views change some masks
+
+
+@pytest.mark.slow
+def test_slack_is_withheld_where_it_cannot_be_trimmed_on_real_cracks(defects_root):
+    """crackforest's dark cracks in dark asphalt: the colour rule keeps the cracks but often cannot trim
+    the ring of texture around them, so the single-support slack is withheld there (BENCHMARKS.md:
+    crackforest 23.0 -> 27.2 over all 60 episodes). Measured on these 12 episodes (first 12 images):
+    withheld in 3, IoU of the summed counts 0.339 with the rule against 0.312 with the slack given
+    anyway (from the same margins)."""
+    cat = scan(defects_root).subset(datasets=["crackforest"], max_per_class=12)
+    eps = make_episodes(cat, 1, seed=2)
+    seg = FewShotSegmenter(cache_size=64)
+    counts = {"rule": np.zeros(3), "slack always": np.zeros(3)}
+    withheld = 0
+    for ep in eps:
+        seg.fit([cat.root / p for p in ep.supports], [cat.root / p for p in ep.support_masks])
+        post = seg.state.post
+        assert seg.colour.active
+        withheld += not seg.colour.loosens
+        assert post.threshold == (seg.threshold - seg.colour.slack if seg.colour.loosens else seg.threshold)
+        margin, _ = seg.margins(cat.root / ep.query)
+        query = load_image(cat.root / ep.query)
+        gt = resize_mask(load_mask(cat.root / ep.query_mask, size=query.shape[:2]), (256, 256))
+        for name, p in (("rule", post),
+                        ("slack always", dataclasses.replace(post, threshold=seg.threshold - seg.colour.slack))):
+            tp, fp, fn, _ = episode_counts(gt, finish(margin, gt.shape, p, seg.method.temperature, image=query).mask)
+            counts[name] += (tp, fp, fn)
+    iou = {k: v[0] / v.sum() for k, v in counts.items()}
+    assert 2 <= withheld < len(eps), withheld
+    assert iou["rule"] > iou["slack always"] + 0.01, iou

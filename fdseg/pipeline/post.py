@@ -64,7 +64,8 @@ class ColourStep:
 class ThresholdStep:
     """The margin above which a pixel is proposed as defect: ``threshold``, lowered by the colour rule's
     slack when a single support was fitted and the rule is in effect (it trims what the looser matching
-    adds; with one support the matching misses most, with five it does not)."""
+    adds; with one support the matching misses most, with five it does not) and trims at least half of
+    the ring around the support's defect (else it could not trim what the slack adds)."""
 
     threshold: float = 0.0
 
@@ -74,8 +75,14 @@ class ThresholdStep:
     def fit(self, n_supports: int, colour) -> Decision:
         on = colour is not None and colour.active
         if on and n_supports == 1 and colour.slack:
-            return Decision("threshold", self.threshold - colour.slack,
-                            f"{self.threshold:g} - slack {colour.slack:g}: one support and the colour rule on")
+            if colour.loosens:
+                return Decision("threshold", self.threshold - colour.slack,
+                                f"{self.threshold:g} - slack {colour.slack:g}: one support and the colour rule on, "
+                                f"removing {colour.trimmed:.2f} >= {colour.min_trimmed:g} of the ring around its defect")
+            return Decision("threshold", self.threshold,
+                            f"{self.threshold:g}: no slack, the colour rule removes {colour.trimmed:.2f} < "
+                            f"{colour.min_trimmed:g} of the ring around the support's defect (it could not trim "
+                            f"what a looser threshold adds)")
         why = "the colour rule off" if not on else (f"{n_supports} supports: no slack" if n_supports > 1
                                                      else "slack 0")
         return Decision("threshold", self.threshold, f"{self.threshold:g}: {why}")

@@ -22,6 +22,11 @@ effect, the segmenter lowers its margin threshold by ``slack`` (the matching pro
 the rule trims it). One support covers a defect type poorly and the matching then misses more than it
 over-segments (recall below precision in most benchmark classes); with five supports that is no longer
 so and a looser threshold costs (measured: BENCHMARKS.md), so there is no slack from two supports on.
+The slack relies on the rule trimming what the looser threshold adds, which lies around the defect:
+it is given only if the rule removes at least ``min_trimmed`` (half) of the ring of background around
+the support's defect that it was fitted on (``trimmed``). Where the defect's colours are also its
+surroundings' (a dark crack in dark texture), the rule cannot trim that ring, and the slack would only
+add false defect.
 
 The rule checks itself on the supports: it is used only if it keeps at least ``min_kept`` (half) of the
 supports' own defect pixels. A defect of a few pixels (a hairline crack on a large image) gives a
@@ -82,10 +87,12 @@ class ColourModel:
     window: int = 63          # local-contrast window, pixels of the frame (scaled to other sizes)
     slack: float = 0.04       # with one support and the rule in effect, the matching's threshold is lowered by this
     min_kept: float = 0.5     # used only if it keeps at least this share of the supports' own defect pixels
+    min_trimmed: float = 0.5  # the slack only if the rule removes at least this share of the ring it was fitted on
     tune_from: int = 3        # from this many supports on, tau is chosen on the supports (0 = never)
     table: np.ndarray | None = field(default=None, repr=False)   # histogram ratios once fitted
     mode: str = field(default="rgb", init=False, repr=False)   # what the fitted table indexes: rgb / contrast
     kept: float = field(default=0.0, init=False, repr=False)   # share of the supports' defect pixels it keeps
+    trimmed: float = field(default=0.0, init=False, repr=False)  # share of the ring around them it removes
     tuned: tuple | None = field(default=None, init=False, repr=False)   # (candidates, their IoU) when tau was chosen
     base_tau: float = field(default=0.0, init=False, repr=False)       # tau as set (each fit starts from it)
 
@@ -99,6 +106,8 @@ class ColourModel:
             raise InputError("colour_refine", f"need ring >= 0 and frame >= 8, got {self.ring}, {self.frame}")
         if not 0 <= self.min_kept <= 1:
             raise InputError("colour_refine", f"min_kept must be in 0..1, got {self.min_kept}")
+        if not 0 <= self.min_trimmed <= 1:
+            raise InputError("colour_refine", f"min_trimmed must be in 0..1, got {self.min_trimmed}")
         if self.tune_from < 0:
             raise InputError("colour_refine", f"tune_from must be >= 0, got {self.tune_from}")
         if not 0 <= self.slack <= 1:
@@ -137,7 +146,7 @@ class ColourModel:
             self.mode = "contrast"
         n = self.contrast if self.mode == "contrast" else self.bins ** 3
         fg, bg = np.ones(n), np.ones(n)
-        defect_bins, framed = [], []
+        defect_bins, ring_bins, framed = [], [], []
         for rgb, m in zip(images, masks):
             size = (self.frame, self.frame)
             idx = self._index(_resize_rgb(rgb, size))
@@ -146,14 +155,17 @@ class ColourModel:
             fg += np.bincount(idx[m], minlength=n)
             bg += np.bincount(idx[near], minlength=n)
             defect_bins.append(idx[m])
+            ring_bins.append(idx[near])
             framed.append((idx, m))
-        defect_bins = np.concatenate(defect_bins)
+        defect_bins, ring_bins = np.concatenate(defect_bins), np.concatenate(ring_bins)
         # no defect pixel survived the frame: nothing is known about the defect's colour, keep everything
         self.table = (fg / fg.sum()) / (bg / bg.sum()) if len(defect_bins) else None
         if self.table is not None and self.tau > 0 and grids and self.tune_from and len(images) >= self.tune_from:
             cells = [self.frame / float(np.sqrt(gh * gw)) for gh, gw in grids]
             self.tau = self._tune(framed, cells)
         self.kept = float((self.table[defect_bins] >= self.tau).mean()) if self.table is not None else 0.0
+        self.trimmed = (float((self.table[ring_bins] < self.tau).mean()) if self.table is not None and len(ring_bins)
+                        else 0.0)
         if self.table is not None and self.tau > 0 and self.kept < self.min_kept:
             self.table = None      # it would remove most of the supports' own defect: not a model of it
         return self
@@ -183,6 +195,12 @@ class ColourModel:
         """Whether the fitted rule will trim masks (and so loosen the matching by ``slack``)."""
         return self.table is not None and self.tau > 0
 
+    @property
+    def loosens(self) -> bool:
+        """Whether a single support's matching may be loosened by ``slack``: the rule is in effect and
+        trims at least ``min_trimmed`` of the ring around the support's defect."""
+        return self.active and self.slack > 0 and self.trimmed >= self.min_trimmed
+
     def ratio(self, image: np.ndarray) -> np.ndarray | None:
         """p_fg / p_bg of each pixel's colour (None before fit or without defect pixels)."""
         return None if self.table is None else self.table[self._index(image)]
@@ -206,4 +224,4 @@ class ColourModel:
     def describe(self) -> dict:
         return {"tau": self.base_tau, "bins": self.bins, "ring": self.ring, "frame": self.frame, "grey": self.grey,
                 "contrast": self.contrast, "window": self.window, "slack": self.slack, "min_kept": self.min_kept,
-                "tune_from": self.tune_from}
+                "min_trimmed": self.min_trimmed, "tune_from": self.tune_from}
