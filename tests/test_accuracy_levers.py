@@ -310,7 +310,7 @@ def test_slack_only_where_the_colour_rule_trims_the_ring_around_the_support_defe
     the ring around the support's defect. A dark defect in a texture that is 70 % that dark colour:
     the rule keeps the whole defect (it is used) but removes only the ring's light pixels (~0.3), so
     no slack. A red defect on brown: the rule removes the whole ring, so the slack. ``min_trimmed=0``
-    gives the slack whenever the rule is on; bad values are refused."""
+    (and the ``fast`` preset) gives the slack whenever the rule is on; bad values are refused."""
     from fdseg.refine.colour import ColourModel
     rng = np.random.default_rng(0)
     dark = (rng.random((256, 256)) < 0.7)[..., None]
@@ -329,6 +329,8 @@ def test_slack_only_where_the_colour_rule_trims_the_ring_around_the_support_defe
     assert seg.colour.active and seg.decision_threshold == 0.0 and "no slack" in str(seg.plan)
     assert FewShotSegmenter().fit(red, m).decision_threshold == pytest.approx(-0.04)
     assert FewShotSegmenter(colour_options={"min_trimmed": 0}).fit(texture, m).decision_threshold == pytest.approx(-0.04)
+    # `fast` keeps the slack without the check (measured: there it gains nothing and costs magnetic_tile)
+    assert FewShotSegmenter(preset="fast").fit(texture, m).decision_threshold == pytest.approx(-0.04)
     with pytest.raises(InputError, match="min_trimmed"):
         ColourModel(min_trimmed=2)
 
