@@ -24,6 +24,8 @@ SUBSET = dict(datasets=["sd_saliency_900", "magnetic_tile", "crackforest"], max_
 # head 0.369, without both 0.345; the paper's resize="resize" 0.338); the floor leaves 1 point for
 # BLAS / platform differences. The colour rule's self-check (min_kept) is off in none of these 90
 # episodes (their supports' defects keep >= 0.82 of their pixels), so the measurement stands.
+# Today's default (folded backbone; the slack only where the rule trims the ring around the support's
+# defect): 0.425 (0.417 with the slack given whenever the rule is on).
 FLOOR = 0.410
 
 pytestmark = pytest.mark.data
