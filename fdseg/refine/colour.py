@@ -192,7 +192,8 @@ class ColourModel:
 
     @property
     def active(self) -> bool:
-        """Whether the fitted rule will trim masks (and so loosen the matching by ``slack``)."""
+        """Whether the fitted rule will trim masks (a single support's matching is then loosened by
+        ``slack`` where :attr:`loosens`)."""
         return self.table is not None and self.tau > 0
 
     @property
