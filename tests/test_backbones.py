@@ -73,7 +73,7 @@ def test_fused_lite0_keeps_its_function():
             y = _batch(["chelsea.png", "astronaut.png"], size)
             for a, b in zip(fused(fused.normalize(y)), plain(plain.normalize(y))):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    # the extractor fuses an eval-mode backbone unless told not to
+    # the extractor folds an eval-mode backbone's BatchNorms unless told not to
     assert not any(isinstance(m, nn.BatchNorm2d)
                    for m in FeatureExtractor(create_backbone("efficientnet_lite0"), amp=False).backbone.modules())
     kept = FeatureExtractor(create_backbone("efficientnet_lite0"), amp=False, fold_batchnorm=False).backbone
