@@ -43,10 +43,12 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
                         "matched flipped left-right and up-down and the three margins averaged (3x the matching); "
                         "none: the query as it is")
     g.add_argument("--threshold", type=float, default=None, help="(preset) margin threshold (default 0 = argmax)")
-    g.add_argument("--ok-gate", default="off", choices=["median", "off"],
-                   help="median: with 5 or more defect-free images (--normal), every fifth (at most 10) is held out "
-                        "and predicted at fit time; a query whose defect score is not above their median is judged "
-                        "OK, its mask empty (fewer false alarms, some missed defects: docs/normals.md). Default off")
+    g.add_argument("--ok-gate", default="auto", choices=["auto", "median", "off"],
+                   help="with defect-free images (--normal), every fifth (at most 10) is held out and predicted at "
+                        "fit time to calibrate the gate. auto (default, from 25 normals): mask components whose peak "
+                        "is not above the lower quartile of their defect scores are removed; median (from 5): a query "
+                        "whose defect score is not above their median is judged OK, its mask empty (fewer false "
+                        "alarms, some missed defects); off: no gate (docs/normals.md)")
     g.add_argument("--colour-refine", type=float, default=None, metavar="TAU",
                    help=f"(preset) support colour rule (default {COLOUR_TAU}): a predicted pixel stays defect only where its "
                         "colour is at least TAU times as likely among the supports' defect pixels as in the "
@@ -100,7 +102,7 @@ def _method_options(items: list[str], flag: str = "--method-option") -> dict:
 def _segmenter_kwargs(a: argparse.Namespace) -> dict:
     kw = dict(backbone=a.backbone, weights=a.weights, input_size=a.size, tile_scale=a.tile_scale,
               feature_stride=a.feature_stride, local_avg=a.local_avg, device=a.device)
-    if getattr(a, "ok_gate", "off") != "off":
+    if getattr(a, "ok_gate", None):
         kw["ok_gate"] = a.ok_gate
     # the preset's settings, with the flags given on top (only those given: the rest is the preset's)
     given = dict(resize=a.resize, threshold=a.threshold, colour_refine=a.colour_refine,

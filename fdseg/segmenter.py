@@ -68,7 +68,7 @@ class Model:
     max_pixels: int
     batch_size: int
     loader_threads: int
-    ok_gate: OkGate = OkGate("off")
+    ok_gate: OkGate = OkGate("auto")
 
     def rules(self) -> dict:
         """The settings and rule constants a fit's plan depends on (what a bench run key stores)."""
@@ -166,7 +166,7 @@ class FewShotSegmenter:
                  cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2,
                  support_augment: str | None = None, refine: str | None = None, refine_options: dict | None = None,
                  zoom: str | int | None = None, colour_refine: float | None = None,
-                 colour_options: dict | None = None, query_augment: str | None = None, ok_gate: str = "off"):
+                 colour_options: dict | None = None, query_augment: str | None = None, ok_gate: str = "auto"):
         p = resolve(preset, dict(resize=resize, zoom=zoom, support_augment=support_augment,
                                  query_augment=query_augment, colour_refine=colour_refine,
                                  colour_options=colour_options, method_options=method_options, threshold=threshold))
@@ -185,8 +185,8 @@ class FewShotSegmenter:
         if p["colour_options"]:
             settings["colour_options"] = dict(p["colour_options"])
         gate = OkGate(ok_gate)
-        if gate.mode != "off":         # (a bench run's key holds the settings; the default is not written,
-            #                            so runs without the gate keep their keys)
+        if gate.mode != "off":         # (a bench run's key holds the settings; "off", the default before
+            #                            the gate, is not written, so runs without a gate keep their keys)
             settings["ok_gate"] = gate.mode
         dev = torch.device(_pick_device(device))
         pre = Preprocess(mode=p["resize"], size=input_size, scale=tile_scale, overlap=tile_overlap,
@@ -332,9 +332,9 @@ class FewShotSegmenter:
         """Learn the defect from K support images and their masks (K >= 1); resolves the :attr:`plan`.
 
         ``normals``: defect-free images of the same product (files or arrays); their cells join the
-        matcher's background evidence (the method must take them: fm does). With ``ok_gate="median"``
-        (opt-in), from 5 normals on every fifth (at most 10) is held out instead and predicted to
-        calibrate the OK gate (:class:`fdseg.pipeline.post.OkGate`)."""
+        matcher's background evidence (the method must take them: fm does). From 25 normals on (5 with
+        ``ok_gate="median"``; none with ``ok_gate="off"``) every fifth (at most 10) is held out instead and
+        predicted to calibrate the OK gate (:class:`fdseg.pipeline.post.OkGate`)."""
         if not isinstance(images, (list, tuple)):
             images, masks = [images], [masks]
         if not isinstance(masks, (list, tuple)) or len(images) != len(masks):
@@ -412,6 +412,7 @@ class FewShotSegmenter:
                                      f"defect-free image held out for the OK gate: {getattr(res, 'problem', res)}")
                 scores.append(res.defect_score)
             post.ok_level, gd = m.ok_gate.fit(scores, len(normals))
+            post.ok_components = m.ok_gate.per_component
             self.state = dataclasses.replace(self.state, plan=Plan(n, pre, tuple(decisions) + (gd,)))
         return self
 

@@ -210,7 +210,7 @@ def test_normals_grow_the_bank_then_it_is_bounded_and_margins_drop(mt):
     # the normals in the matching bank (normal_bank=True), the head kept on the supports' cells
     # (normal_head=False): the margins can only drop; the default (the normals in the head's background
     # only, the bank the supports' own) is checked at the end
-    seg = fdseg.FewShotSegmenter(preset="fast", cache_size=128,
+    seg = fdseg.FewShotSegmenter(preset="fast", cache_size=128, ok_gate="off",
                                  method_options={"normal_head": False, "normal_bank": True})
     seg.fit([s_img], [s_mask])
     bg0 = seg.method.describe()["bg_cells"]
@@ -232,8 +232,9 @@ def test_normals_grow_the_bank_then_it_is_bounded_and_margins_drop(mt):
     assert all(torch.equal(seg.margins(q)[0], m) for q, m in zip(oks[:2], plain))
     default = fdseg.FewShotSegmenter(preset="fast", cache_size=128).fit([s_img], [s_mask], normals=normals)
     assert default.method.normal_head == "sample" and default.method.describe()["bg_cells"] == bg0
-    assert default.method.describe()["normal_head_cells"] == 65536               # of 60 grids' 245,760 cells
-    assert default.method.describe()["normals"] == 60 and default.plan.get("ok gate") is None   # no gate by default
+    assert default.method.describe()["normal_head_cells"] == 65536               # of 50 grids' 204,800 cells
+    # the default gate holds every fifth normal out of the fit (10 of 60) to calibrate its level
+    assert default.method.describe()["normals"] == 50 and isinstance(default.plan.get("ok gate"), float)
     # the default: only the head's vote moves (bounded), so on defect-free tiles the cells matched as
     # defect can only get fewer and the top margins drop (measured: 41 -> 34 cells, max -0.026 on average)
     seg.fit([s_img], [s_mask])
@@ -261,7 +262,14 @@ def test_verdicts_on_defect_free_queries_are_mostly_ok(mt, demo):
 
 def test_ok_gate_holds_out_every_fifth_normal_and_takes_the_median():
     from fdseg.pipeline.post import OK_GATE_MAX, OkGate
-    assert OkGate().mode == "off"                                           # opt-in
+    assert OkGate().mode == "auto" and OkGate().per_component and not OkGate("median").per_component
+    auto = OkGate()
+    assert auto.split(24) == (list(range(24)), [])                          # 4 would be held out: too few
+    fit, held = auto.split(25)
+    assert held == [4, 9, 14, 19, 24] and len(fit) == 20
+    level, d = auto.fit([0.4, -0.2, 0.0, 0.1, 0.2], 25)                     # sorted -0.2 0 0.1 0.2 0.4
+    assert level == pytest.approx(0.0) and "lower quartile" in d.reason and "5 defect-free" in d.reason
+    assert auto.fit([], 24)[0] is None and "< 25" in auto.fit([], 24)[1].reason
     gate = OkGate("median")
     assert gate.split(4) == ([0, 1, 2, 3], [])                              # under 5 normals: no gate
     fit, held = gate.split(12)
@@ -287,6 +295,63 @@ def test_finish_gate_empties_a_query_no_more_defective_than_the_ok_level():
         assert p.ok_gated == gated and p.defect_score == 0.25   # the score is kept for ranking
         assert p.mask.any() == (not gated) and p.is_defective == (not gated) and bool(p.boxes) == (not gated)
         assert (p.score < 0.5).all() == gated
+
+
+def test_finish_auto_gate_removes_only_the_components_no_stronger_than_the_level():
+    from fdseg.pipeline.finish import finish
+    from fdseg.pipeline.post import Post
+    margin = torch.full((16, 16), -0.5)
+    margin[2:5, 2:5] = 0.2                                   # a faint region (peak 0.2) ...
+    margin[10:13, 9:13] = 0.3
+    margin[11, 10] = 0.6                                     # ... and a strong one (peak 0.6)
+    plain = finish(margin, (128, 128), Post(0.0), 0.1)
+    assert len(plain.boxes) == 2
+    for level, n_left in ((None, 2), (0.1, 2), (0.25, 1), (0.6, 0), (0.9, 0)):
+        p = finish(margin, (128, 128), Post(0.0, ok_level=level, ok_components=True), 0.1)
+        assert len(p.boxes) == n_left and p.ok_gated == (n_left == 0) and p.is_defective == (n_left > 0)
+        assert p.defect_score == pytest.approx(0.6)          # kept for ranking
+        assert ((p.score > 0.5) == p.mask).all()             # the score map follows the mask
+        assert not (p.mask & ~plain.mask).any()              # the gate only removes
+        if n_left == 1:                                      # the strong region is kept whole
+            assert p.boxes[0][1] >= 64 and np.array_equal(p.mask[64:], plain.mask[64:])
+            assert not p.mask[:64].any()
+
+
+@pytest.mark.data
+def test_auto_gate_on_real_tiles_removes_the_components_under_the_held_out_quartile(defects_root, distill_root):
+    torch.set_num_threads(1)
+    cls = defects_root / "magnetic_tile" / "uneven"          # the class whose good tiles draw most false alarms
+    images = sorted((cls / "images").iterdir())
+    sup, masks, defective = images[:5], [cls / "masks" / f"{p.stem}.png" for p in images[:5]], images[5:11]
+    files = NormalPool.scan(distill_root).files("magnetic_tile", "uneven")
+    oks = evenly(files, 12)
+    normals = evenly([p for p in files if p not in set(oks)], 25)
+    seg = fdseg.FewShotSegmenter(preset="fast", cache_size=128).fit(sup, masks, normals=normals)
+    held = [normals[i] for i in (4, 9, 14, 19, 24)]
+    assert seg.method.describe()["normals"] == 20
+    level = seg.plan["ok gate"]
+    assert level == pytest.approx(float(np.quantile([seg.predict(h).defect_score for h in held], 0.25)), abs=1e-6)
+    # the same fit without the gate (the same 20 normals): each mask is that one less its weak components
+    open_ = fdseg.FewShotSegmenter(preset="fast", cache_size=128, ok_gate="off").fit(
+        sup, masks, normals=[n for n in normals if n not in held])
+    queries = list(oks) + defective
+    gated, plain = seg.predict(queries), open_.predict(queries)
+    from scipy import ndimage
+
+    from fdseg.data.preprocess import upsample_scores
+    t = seg.state.post.threshold
+    for g, p in zip(gated, plain):
+        assert g.defect_score == pytest.approx(p.defect_score, abs=1e-6)
+        peak = upsample_scores(torch.from_numpy(p.margin_grid), p.mask.shape).numpy() - t
+        lab, n = ndimage.label(p.mask, structure=np.ones((3, 3), dtype=bool))
+        for c in range(1, n + 1):
+            part = lab == c                                   # kept whole if its peak is above the level, else removed
+            assert np.array_equal(g.mask[part], np.full(int(part.sum()), float(peak[part].max()) > level))
+        assert not (g.mask & ~p.mask).any() and g.ok_gated == (p.mask.any() and not g.mask.any())
+    # measured: the good tiles' mask pixels 66,719 -> 5,908; the uneven defects' 167,500 -> 156,399
+    ok_g, ok_p = (sum(int(x.mask.sum()) for x in r[:len(oks)]) for r in (gated, plain))
+    bad_g, bad_p = (sum(int(x.mask.sum()) for x in r[len(oks):]) for r in (gated, plain))
+    assert ok_g < 0.5 * ok_p and bad_g > 0.8 * bad_p
 
 
 @pytest.mark.data

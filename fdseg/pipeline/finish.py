@@ -7,9 +7,10 @@ above the decision threshold (> 0: some cell is matched as defect; the bench's A
 it); ``is_defective`` = the final mask has an 8-connected component of at least ``min_cells`` grid
 cells (default 1: a region as large as one cell of the grid the matching sees; smaller specks are
 upsampling slivers of a cell whose margin is just above the threshold). A fit given defect-free
-images may have an OK gate (:class:`fdseg.pipeline.post.OkGate`): a query whose ``defect_score`` is not above
-the held-out defect-free images' median is judged OK and its mask emptied (``ok_gated``; opt-in). See
-docs/normals.md for the rules measured.
+images has an OK gate (:class:`fdseg.pipeline.post.OkGate`) calibrated on the ones held out of the fit:
+by default every mask component whose peak margin is not above the lower quartile of their defect scores
+is removed; with ``ok_gate="median"`` a query whose ``defect_score`` is not above their median has its
+whole mask emptied. ``ok_gated``: the gate left no mask. See docs/normals.md for the rules measured.
 """
 from __future__ import annotations
 
@@ -41,16 +42,25 @@ def verdict(margin_grid: np.ndarray, mask: np.ndarray, threshold: float,
     return score, bool(cells >= min_cells and cells > 0), float(cells)
 
 
-def components(mask: np.ndarray) -> tuple[int, list[tuple[int, int, int, int]]]:
+def components(mask: np.ndarray, peak: np.ndarray | None = None, level: float | None = None
+               ) -> tuple[int, list[tuple[int, int, int, int]], np.ndarray]:
     """One labelling of the 8-connected components -> (largest component's pixels, every component's
-    bounding box (x0, y0, x1, y1; x1/y1 exclusive))."""
+    bounding box (x0, y0, x1, y1; x1/y1 exclusive), the mask). With ``peak`` (a map of ``mask``'s shape)
+    and ``level``: the components whose largest ``peak`` is not above ``level`` are removed first."""
     from scipy import ndimage
     if not mask.any():
-        return 0, []
-    lab, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+        return 0, [], mask
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if peak is not None and level is not None:
+        keep = np.concatenate([[False], np.asarray(ndimage.maximum(peak, lab, np.arange(1, n + 1))) > level])
+        if not keep[1:].all():
+            lab = np.where(keep[lab], lab, 0)
+            mask = lab > 0
+            if not mask.any():
+                return 0, [], mask
     boxes = [(int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop))
              for sl in ndimage.find_objects(lab) if sl is not None]
-    return int(np.bincount(lab.ravel())[1:].max()), boxes
+    return int(np.bincount(lab.ravel())[1:].max()), boxes, mask
 
 
 def connected_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
@@ -72,7 +82,7 @@ class Prediction:
     defect_score: float = 0.0        # image-level: largest grid margin above the threshold (> 0: a defect cell)
     is_defective: bool = False       # image-level verdict: a mask component of >= min_cells grid cells
     largest_cells: float = 0.0       # the largest mask component, in grid cells
-    ok_gated: bool = False           # judged OK by the OK gate (defect score not above the OK images'): mask empty
+    ok_gated: bool = False           # judged OK by the OK gate (nothing stronger than good surface): mask empty
 
     @property
     def verdict(self) -> str:
@@ -104,12 +114,20 @@ def finish(margin: torch.Tensor, size: tuple[int, int], post: Post, temperature:
         # keep the score map consistent with the refined mask (0.5 = decision boundary)
         score = np.where(mask, np.maximum(score, 0.5 + 1e-3), np.minimum(score, 0.5 - 1e-3))
     grid = margin.float().cpu().numpy()
-    largest, boxes = components(mask)
+    level = post.ok_level
+    peak = (full - t).cpu().numpy() if level is not None and post.ok_components else None
+    largest, boxes, kept = components(mask, peak, level)   # the auto gate: weak components removed
+    if level is None:
+        gated = False
+    elif peak is not None:           # every component no stronger than good surface: judged OK
+        gated = bool(mask.any()) and not kept.any()
+    else:                            # median gate: no more defective than a typical OK image: judged OK
+        gated = float(grid.max()) - t <= level if grid.size else True
+    if gated:
+        kept, largest, boxes = np.zeros_like(mask), 0, []
+    if kept is not mask:             # the score map stays consistent with the mask (0.5 = decision boundary)
+        score = np.where(kept, score, np.minimum(score, 0.5 - 1e-3))
+    mask = kept
     d_score, defective, cells = verdict(grid, mask, t, min_cells, largest)
-    gated = post.ok_level is not None and d_score <= post.ok_level
-    if gated:                        # no more defective than a typical OK image of the product: judged OK
-        mask = np.zeros_like(mask)
-        score = np.minimum(score, 0.5 - 1e-3)
-        defective, cells, boxes = False, 0.0, []
     return Prediction(mask, score.astype(np.float32, copy=False), grid, source,
                       boxes, image, tuple(query_size or size), d_score, defective, cells, gated)
