@@ -415,6 +415,14 @@ def test_cli_segment_with_normals_writes_verdicts(mt, tmp_path, capsys):
     assert [r["verdict"] for r in rows] and all(r["verdict"] in ("ok", "defective") for r in rows)
     assert all(float(r["defect_score"]) == json.loads((out / "summary.json").read_text())[i]["defect_score"]
                for i, r in enumerate(rows))
+    for p in normals[5:25]:                                   # 25 normals: the default gate holds 5 out
+        (ndir / p.name).write_bytes(p.read_bytes())
+    for gate, shown in ((None, "lower quartile"), ("median", "median defect score"), ("off", None)):
+        rc = main(["segment", "--support", str(s_img), str(s_mask), "--query", str(oks[0]), "--out",
+                   str(tmp_path / f"out-{gate}"), "--normal", str(ndir), "--preset", "fast", "--no-progress",
+                   "--explain"] + (["--ok-gate", gate] if gate else []))
+        err = capsys.readouterr().err
+        assert rc == 0 and (shown in err if shown else "ok gate" not in err), err
 
 
 @pytest.mark.data
