@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fdseg import FewShotSegmenter
+from fdseg.atomic import write_bytes
 from fdseg.data import load_mask, make_episodes, scan
 from fdseg.data.preprocess import resize_mask, upsample_scores
 from fdseg.metrics import dataset_scores, episode_counts
@@ -44,10 +45,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f)
-    tmp.replace(path)
+    write_bytes(path, pickle.dumps(obj))
 
 
 def collect(a) -> None:
@@ -85,7 +83,8 @@ def collect(a) -> None:
             done["episodes"][ep.id] = dict(
                 dataset=ep.dataset, cls=ep.cls, defect_free=ep.query_mask is None, t=post.threshold,
                 grid=res.margin_grid.astype(np.float16), mask=np.packbits(res.mask), gt=np.packbits(gt),
-                shape=res.mask.shape, level=level, held=held[0] if held else [])
+                shape=res.mask.shape, level=level, held=held[0] if held else [], episode=ep, root=str(root),
+                normals=[str(n) for n in normals_by[(ep.dataset, ep.cls)]])
             if time.time() - last > 60 or i == len(todo) - 1:
                 _save(done, out)
                 last = time.time()

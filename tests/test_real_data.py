@@ -269,3 +269,36 @@ def test_slack_is_withheld_where_it_cannot_be_trimmed_on_real_cracks(defects_roo
     iou = {k: v[0] / v.sum() for k, v in counts.items()}
     assert 2 <= withheld < len(eps), withheld
     assert iou["rule"] > iou["slack always"] + 0.01, iou
+
+
+def test_gate_replay_gives_the_default_gates_masks(defects_root, distill_root, tmp_path):
+    """benchmarks/gate_replay.py (how the OK gate's rule was chosen) keeps each episode's ungated mask and
+    the held-out normals' scores: its per-component lower-quartile replay must give the masks the
+    default segmenter gives with the same normals, and the gate must remove something there."""
+    import argparse
+    import importlib.util
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gate_replay.py"
+    spec = importlib.util.spec_from_file_location("gate_replay", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "g5.pkl"
+    mod.collect(argparse.Namespace(data=str(defects_root), normal=str(distill_root), ok_queries=str(distill_root),
+                                   normal_count=25, ok_count=2, shots=5, datasets=["magnetic_tile"],
+                                   classes=["magnetic_tile/uneven"], max_per_class=6, eval_size=256, threads=1,
+                                   out=str(out)))
+    recs = pickle.loads(out.read_bytes())["episodes"]
+    assert len(recs) == 8 and all(len(r["held"]) == 5 for r in recs.values())
+    seg = FewShotSegmenter(cache_size=64)
+    changed = 0
+    for r in recs.values():
+        ep, root = r["episode"], Path(r["root"])
+        seg.fit([root / p for p in ep.supports], [root / p for p in ep.support_masks], normals=r["normals"])
+        live = seg.predict(root / ep.query, size=(256, 256)).mask
+        replayed = mod.gated(r, "component", mod.LEVELS["quartile"])
+        assert np.array_equal(live, replayed), ep.id
+        changed += not np.array_equal(replayed, mod.gated(r, "none", None))
+    assert changed >= 1
