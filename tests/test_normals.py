@@ -317,6 +317,39 @@ def test_finish_auto_gate_removes_only_the_components_no_stronger_than_the_level
             assert not p.mask[:64].any()
 
 
+def test_finish_makes_the_score_map_on_first_use_and_labels_only_the_masks_box():
+    """The H x W score map is made when asked for, equal to the eager rule; the components, labelled
+    inside the mask's bounding box, give the boxes and sizes of the whole mask's labelling."""
+    from fdseg.data.preprocess import upsample_scores
+    from fdseg.pipeline.finish import components, finish
+    from fdseg.pipeline.post import Post
+
+    margin = torch.full((20, 30), -0.4)
+    margin[3:6, 20:24] = 0.3
+    margin[12:15, 4:7] = 0.2
+    margin[13, 5] = 0.5
+    size, t, temp = (160, 240), 0.05, 0.1
+    full = upsample_scores(margin, size)
+    eager = torch.sigmoid((full - t) / temp).numpy()
+    raw = (full > t).numpy()
+    cases = [(Post(t), raw, eager), (Post(t, ok_level=0.3, ok_components=True), None, None)]
+    for post, want_mask, want_score in cases:
+        p = finish(margin, size, post, temp)
+        assert p._score is None                              # not made until asked for
+        largest, boxes, _ = components(p.mask)               # the whole mask's labelling
+        assert p.boxes == boxes and p.largest_cells == pytest.approx(largest * margin.numel() / raw.size)
+        if want_mask is not None:
+            assert np.array_equal(p.mask, want_mask) and np.array_equal(p.score, want_score)
+        else:                                                # the gate removed the faint component
+            assert len(p.boxes) == 1 and p.mask.sum() < raw.sum()
+            assert np.array_equal(p.score, np.where(p.mask, eager, np.minimum(eager, 0.5 - 1e-3)))
+        assert p.score.dtype == np.float32 and ((p.score > 0.5) == p.mask).all()
+    refined = Post(t, refiner=lambda image, mask: np.where(np.arange(size[1]) == 180, False, mask))
+    p = finish(margin, size, refined, temp, image=np.zeros((*size, 3), np.uint8))
+    assert not p.mask[:, 180].any() and p.mask.sum() == raw.sum() - raw[:, 180].sum()
+    assert np.array_equal(p.score, np.where(p.mask, np.maximum(eager, 0.5 + 1e-3), np.minimum(eager, 0.5 - 1e-3)))
+
+
 @pytest.mark.data
 def test_auto_gate_on_real_tiles_removes_the_components_under_the_held_out_quartile(defects_root, distill_root):
     torch.set_num_threads(1)

@@ -68,12 +68,36 @@ def connected_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
     return components(mask)[1]
 
 
+@dataclass(frozen=True)
+class ScoreRule:
+    """How a prediction's score map follows from its margin grid and final mask (kept, so that the
+    H x W float map is made only when asked for: at 12 MP it costs more than the whole matching)."""
+
+    size: tuple[int, int]            # (H, W) of the map
+    threshold: float
+    temperature: float
+    refined: bool                    # a post step (colour rule, SAM) decided the mask: the map follows it
+    changed: bool                    # the OK gate removed components: the map follows the mask there
+
+
+def score_map(grid: np.ndarray, rule: ScoreRule, mask: np.ndarray) -> np.ndarray:
+    """``sigmoid((upsampled margin - threshold) / temperature)``, kept consistent with ``mask`` (0.5 is the
+    decision boundary) where a post step or the OK gate decided it."""
+    full = upsample_scores(torch.from_numpy(np.ascontiguousarray(grid, np.float32)), rule.size)
+    score = torch.sigmoid((full - rule.threshold) / rule.temperature).cpu().numpy()
+    if rule.refined:
+        score = np.where(mask, np.maximum(score, 0.5 + 1e-3), np.minimum(score, 0.5 - 1e-3))
+    elif rule.changed:
+        score = np.where(mask, score, np.minimum(score, 0.5 - 1e-3))
+    return score.astype(np.float32, copy=False)
+
+
 @dataclass
 class Prediction:
-    """One query's result at the query's original resolution (or the size asked for)."""
+    """One query's result at the query's original resolution (or the size asked for). ``score``, the
+    H x W map, is made from the margin grid on first use (``ScoreRule``) unless given."""
 
     mask: np.ndarray                 # H x W bool
-    score: np.ndarray                # H x W float32 in [0, 1]; 0.5 is the decision boundary
     margin_grid: np.ndarray          # the method's raw margins on its own grid (> threshold = defect)
     source: str = ""
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -83,6 +107,17 @@ class Prediction:
     is_defective: bool = False       # image-level verdict: a mask component of >= min_cells grid cells
     largest_cells: float = 0.0       # the largest mask component, in grid cells
     ok_gated: bool = False           # judged OK by the OK gate (nothing stronger than good surface): mask empty
+    score_rule: ScoreRule | None = field(default=None, repr=False)
+    _score: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def score(self) -> np.ndarray:
+        """H x W float32 in [0, 1]; 0.5 is the decision boundary (> 0.5 exactly where ``mask``)."""
+        if self._score is None:
+            if self.score_rule is None:
+                raise ValueError("this prediction has neither a score map nor the rule to make one")
+            self._score = score_map(self.margin_grid, self.score_rule, self.mask)
+        return self._score
 
     @property
     def verdict(self) -> str:
@@ -98,6 +133,15 @@ class Prediction:
         return float(self.score.max()) if self.score.size else 0.0
 
 
+def mask_box(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The rows and columns of ``mask``'s bounding box (None when empty)."""
+    rows = np.flatnonzero(mask.any(1))
+    if not rows.size:
+        return None
+    cols = np.flatnonzero(mask[rows[0]:rows[-1] + 1].any(0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
 def finish(margin: torch.Tensor, size: tuple[int, int], post: Post, temperature: float, *,
            image: np.ndarray | None = None, source: str = "", query_size: tuple[int, int] | None = None,
            min_cells: float = MIN_CELLS) -> Prediction:
@@ -105,29 +149,34 @@ def finish(margin: torch.Tensor, size: tuple[int, int], post: Post, temperature:
     size) is needed when ``post.refines``. ``min_cells``: the verdict's smallest defect (grid cells)."""
     full = upsample_scores(margin.float(), size)
     t = post.threshold
-    score = torch.sigmoid((full - t) / temperature).cpu().numpy()
     mask = (full > t).cpu().numpy()
     if post.refines:
         if image is None:
             raise ValueError("refinement needs the query image")
         mask = post.refine(image, mask)
-        # keep the score map consistent with the refined mask (0.5 = decision boundary)
-        score = np.where(mask, np.maximum(score, 0.5 + 1e-3), np.minimum(score, 0.5 - 1e-3))
     grid = margin.float().cpu().numpy()
     level = post.ok_level
-    peak = (full - t).cpu().numpy() if level is not None and post.ok_components else None
-    largest, boxes, kept = components(mask, peak, level)   # the auto gate: weak components removed
+    # the components, and the gate's peaks, only inside the mask's bounding box (nothing outside it)
+    box = mask_box(mask)
+    kept, largest, boxes = mask, 0, []
+    if box is not None:
+        ys, xs = box
+        peak = (full[ys, xs] - t).cpu().numpy() if level is not None and post.ok_components else None
+        sub = mask[ys, xs]
+        largest, boxes, kept_sub = components(sub, peak, level)   # the auto gate: weak components removed
+        boxes = [(x0 + xs.start, y0 + ys.start, x1 + xs.start, y1 + ys.start) for x0, y0, x1, y1 in boxes]
+        if kept_sub is not sub:
+            kept = np.zeros_like(mask)
+            kept[ys, xs] = kept_sub
     if level is None:
         gated = False
-    elif peak is not None:           # every component no stronger than good surface: judged OK
-        gated = bool(mask.any()) and not kept.any()
+    elif post.ok_components:         # every component no stronger than good surface: judged OK
+        gated = box is not None and not kept.any()
     else:                            # median gate: no more defective than a typical OK image: judged OK
         gated = float(grid.max()) - t <= level if grid.size else True
     if gated:
         kept, largest, boxes = np.zeros_like(mask), 0, []
-    if kept is not mask:             # the score map stays consistent with the mask (0.5 = decision boundary)
-        score = np.where(kept, score, np.minimum(score, 0.5 - 1e-3))
-    mask = kept
-    d_score, defective, cells = verdict(grid, mask, t, min_cells, largest)
-    return Prediction(mask, score.astype(np.float32, copy=False), grid, source,
-                      boxes, image, tuple(query_size or size), d_score, defective, cells, gated)
+    rule = ScoreRule(tuple(size), t, temperature, post.refines, kept is not mask)
+    d_score, defective, cells = verdict(grid, kept, t, min_cells, largest)
+    return Prediction(kept, grid, source, boxes, image, tuple(query_size or size), d_score, defective, cells, gated,
+                      score_rule=rule)
