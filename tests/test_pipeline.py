@@ -55,6 +55,20 @@ def test_plan_on_synthetic_supports_says_what_and_why():
     assert paper["colour"] == "off" and paper["support views"] == "none" and paper.threshold == 0.0
 
 
+def test_query_views_are_the_flipped_pixels_of_the_query():
+    from fdseg.pipeline.views import QUERY_VIEWS, merge_views, view_images
+    rng = np.random.default_rng(0)
+    for shape in ((7, 9, 3), (7, 9)):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        views = view_images(image, "flip")
+        assert [v.tolist() for v in views] == [image[:, ::-1].tolist(), image[::-1].tolist()]
+        assert all(v.flags.c_contiguous for v in views) and view_images(image, "none") == []
+    import torch
+    g = torch.arange(12.0).reshape(3, 4)            # margins of each view flipped back onto the query's grid
+    flipped = [torch.flip(g, dims) for _, dims in QUERY_VIEWS["flip"]]
+    assert torch.equal(merge_views(g, flipped, "flip"), g)
+
+
 def test_spawned_segmenters_share_the_model_and_keep_their_own_state():
     a_img, a_mask = planted(128, 128, (20, 20, 60, 60), seed=1)
     b_img, b_mask = planted(128, 128, (70, 70, 110, 110), seed=2)
