@@ -8,6 +8,8 @@ seed 2), then segment the first ``--queries`` episodes' queries one at a time wi
 Every step is timed by wrapping the function that does it (no sampling); nested steps are
 reported apart from their parent (``score: rest`` = the score call minus matching and head). It
 prints a markdown table of ms per query (and of the fit) and the share of the query's total.
+``--scale 3`` upscales every image 3 times first (a 1500 x 1000 VisA image becomes 13.5 MP, as from a
+high-resolution camera; the images are then given as arrays, so decoding is not timed).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import fdseg.methods.fm as fm_mod
@@ -129,29 +132,45 @@ def breakdown(n: int) -> dict[str, float]:
     return out
 
 
-def profile(cat, dataset: str, cls: str, shots: int, queries: int, seg_kwargs: dict) -> dict:
+def scaled(path: Path, scale: float, mask: bool = False):
+    """The file itself (``scale`` 1), else its pixels upscaled ``scale`` times as an array (bilinear; a mask
+    nearest): a camera of that many more pixels, the decode then not timed."""
+    if scale == 1:
+        return path
+    from PIL import Image
+    im = Image.open(path).convert("L" if mask else "RGB")
+    size = (round(im.width * scale), round(im.height * scale))
+    a = np.asarray(im.resize(size, Image.NEAREST if mask else Image.BILINEAR))
+    return a > 0 if mask else a
+
+
+def profile(cat, dataset: str, cls: str, shots: int, queries: int, seg_kwargs: dict, scale: float = 1.0) -> dict:
     root = cat.root
     eps = [e for e in make_episodes(cat, shots, seed=2) if e.dataset == dataset and e.cls == cls][:queries]
     seg = FewShotSegmenter(**seg_kwargs)
+    qs = [scaled(root / e.query, scale) for e in eps]
     with fresh():
-        seg.fit([root / p for p in eps[0].supports], [root / p for p in eps[0].support_masks])
+        seg.fit([scaled(root / p, scale) for p in eps[0].supports],
+                [scaled(root / p, scale, mask=True) for p in eps[0].support_masks])
         fit = breakdown(1)
     d = seg.describe()
     m = seg.method
     info = {"class": f"{dataset}/{cls}", "shots": shots, "queries": len(eps), "zoom": d["zoom_in_use"],
             "support_views": d["support_views"], "query_views": d["query_views"],
             "bank": {"fg": len(m.fg), "bg": len(m.bg)}, "matmul": d["matching"]["matmul"]}
-    seg.predict(root / eps[0].query)        # warm-up (allocator, oneDNN kernels), not counted
+    seg.predict(qs[0])                      # warm-up (allocator, oneDNN kernels), not counted
     with fresh():
-        for e in eps:
-            seg.predict(root / e.query)
+        for q in qs:
+            seg.predict(q)
         q = breakdown(len(eps))
-    info["grid"] = list(seg.margins(root / eps[0].query)[0].shape)
+    info["grid"] = list(seg.margins(qs[0])[0].shape)
+    info["query_size"] = list(seg.predict(qs[0]).mask.shape)
     return {**info, "fit_ms": fit, "query_ms": q}
 
 
 def table(res: list[dict]) -> str:
-    cols = [f"{r['class']} {r['shots']}-shot (zoom {r['zoom']})" for r in res]
+    cols = [f"{r['class']} {r['shots']}-shot (zoom {r['zoom']}, {'x'.join(map(str, r.get('query_size', [])))} px)"
+            for r in res]
     lines = ["| step (ms per query) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     keys = list(res[0]["query_ms"])
     for k in keys:
@@ -183,6 +202,8 @@ def main() -> None:
     ap.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                     help="fm option for the profiled segmenter (value parsed as JSON, else a string)")
     ap.add_argument("--preset", default=None, help="FewShotSegmenter(preset=...) (default: the default)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="upscale every image this many times (a higher-resolution camera; decode not timed)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -200,7 +221,7 @@ def main() -> None:
         ds, cls = c.split("/", 1)
         for k in args.shots:
             kw = {**({"method_options": opts} if opts else {}), **({"preset": args.preset} if args.preset else {})}
-            r = profile(cat, ds, cls, k, args.queries, kw)
+            r = profile(cat, ds, cls, k, args.queries, kw, args.scale)
             r["preset"] = args.preset or "accurate"
             print(json.dumps(r), flush=True)
             res.append(r)
