@@ -228,6 +228,21 @@ def test_grey_images_get_a_local_contrast_rule():
         ColourModel(grey="gray")
 
 
+def test_grey_levels_equal_the_float_mean_of_every_colour():
+    """The local-contrast rule's grey level from the integer channel sum is numpy's float32 mean of the
+    three channels for every one of the 2^24 colours (and for non-uint8 images it is that mean)."""
+    from fdseg.refine.colour import grey_levels
+    v = np.arange(256, dtype=np.uint8)
+    every = np.stack(np.meshgrid(v, v, v, indexing="ij"), -1).reshape(4096, 4096, 3)
+    want = every.astype(np.float32).mean(-1)
+    got = grey_levels(every)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    four = np.dstack([every[:8, :8], np.full((8, 8), 255, np.uint8)])   # a fourth channel is ignored
+    assert np.array_equal(grey_levels(four), want[:8, :8])
+    floats = every[:16, :16].astype(np.float64) + 0.25
+    assert np.array_equal(grey_levels(floats), floats.astype(np.float32).mean(-1))
+
+
 def test_colour_rule_loosens_the_matching_only_for_a_single_support():
     """The colour rule's slack: with one support (and the rule in effect) the margin threshold drops by
     the slack, so the prediction can only grow before the rule trims it; not with two supports, not
