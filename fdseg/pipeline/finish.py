@@ -112,7 +112,7 @@ class Prediction:
 
     @property
     def score(self) -> np.ndarray:
-        """H x W float32 in [0, 1]; 0.5 is the decision boundary (> 0.5 exactly where ``mask``)."""
+        """H x W float32 in [0, 1]; 0.5 is the decision boundary (made on first use, then kept)."""
         if self._score is None:
             if self.score_rule is None:
                 raise ValueError("this prediction has neither a score map nor the rule to make one")
