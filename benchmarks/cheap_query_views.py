@@ -21,12 +21,9 @@ and averages the margins: two of a 1-shot query's three backbone passes. Two sta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pickle
 import sys
-import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -35,15 +32,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import post_replay  # noqa: E402
 
-from fdseg import FewShotSegmenter  # noqa: E402
-from fdseg.bench import _KeepLast, run_episode  # noqa: E402
-from fdseg.data import make_episodes, scan  # noqa: E402
+from fdseg.data import scan  # noqa: E402
 from fdseg.data.preprocess import resize_image, to_tensor  # noqa: E402
 from fdseg.features import LayerMaps, as_grid  # noqa: E402
 from fdseg.methods.base import Query  # noqa: E402
-from fdseg.methods.fm import FeatureMatching  # noqa: E402
-from fdseg.metrics import benchmark_mean, dataset_scores, episode_counts  # noqa: E402
-from fdseg.pipeline import ColourStep  # noqa: E402
+from fdseg.metrics import benchmark_mean, dataset_scores  # noqa: E402
 
 # the last block whose output the flipped views share with the query (EfficientNet-Lite0: block 0 ends
 # stage 1 at stride 2, block 2 stage 2 at stride 4; -1: the stem only)
@@ -75,51 +68,24 @@ def shared_flip_views(ex, rgb: np.ndarray, last_shared: int) -> list[torch.Tenso
     return out
 
 
+def shared_layer_subsets(seg, fm, queries, flips, exact_above, whole) -> dict:
+    """``post_replay.collect``'s extra margins: the query alone (and with one flip), and the three views
+    with the flipped ones from the query's own maps (:data:`SHARED`)."""
+    out = post_replay.view_subsets(seg, fm, queries, flips, exact_above, whole)
+    if out:
+        for name, last in SHARED.items():
+            feats = shared_flip_views(seg.extractor, queries[0].image, last)
+            views = [queries[0]] + [Query(q.image, f) for q, f in zip(queries[1:], feats)]
+            out[name] = whole(fm, views, flips, exact_above).float().numpy()
+    return out
+
+
 def collect(a) -> None:
-    torch.set_num_threads(a.threads)
-    cat = scan(a.data)
-    if a.datasets or a.max_per_class:
-        cat = cat.subset(a.datasets, None, a.max_per_class)
-    eps = make_episodes(cat, 1, 2)
-    out = Path(a.out)
-    done = pickle.loads(out.read_bytes()) if out.exists() else {"preset": "accurate", "episodes": {}}
-    # the slack always given, so that the margins are exact down to its threshold (post_replay.py)
-    seg = FewShotSegmenter(cache_size=192, colour_options={"min_trimmed": 0.0})
-    grids: list = []
-
-    class Recording(ColourStep):
-        def fit(self, images, masks, g=None):
-            grids.append(g)
-            return super().fit(images, masks, g)
-
-    seg.model = dataclasses.replace(seg.model, colour=Recording(seg.model.colour.tau, seg.model.colour.options))
-    subsets: dict = {}
-    whole = FeatureMatching.score_views
-
-    def score_views(self, queries, flips, exact_above=None):
-        if len(queries) == 3:
-            subsets["views1"] = whole(self, queries[:1], flips[:1], exact_above).float().numpy()
-            for name, last in SHARED.items():
-                feats = shared_flip_views(seg.extractor, queries[0].image, last)
-                views = [queries[0]] + [Query(q.image, f) for q, f in zip(queries[1:], feats)]
-                subsets[name] = whole(self, views, flips, exact_above).float().numpy()
-        return whole(self, queries, flips, exact_above)
-
-    with mock.patch.object(FeatureMatching, "score_views", score_views):
-        t0 = time.time()
-        for i, ep in enumerate(eps):
-            if ep.id in done["episodes"]:
-                continue
-            subsets.clear()
-            keep = _KeepLast(seg)
-            gt, pred, _, _ = run_episode(keep, cat.root, ep, 256)
-            done["episodes"][ep.id] = {"episode": ep, "margin": keep.last.margin_grid.astype(np.float32),
-                                       "grids": grids[-1], "root": str(cat.root),
-                                       "counts": episode_counts(gt, pred), **subsets}
-            if i % 20 == 0:
-                post_replay._save(done, out)
-                print(f"{i + 1}/{len(eps)} episodes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    post_replay._save(done, out)
+    """The default over the 1-shot paper episodes (``post_replay.collect``, the slack always given so that
+    the margins are exact down to its threshold), keeping the margins of :func:`shared_layer_subsets`."""
+    post_replay.collect(argparse.Namespace(
+        data=a.data, datasets=a.datasets, max_per_class=a.max_per_class, shots=1, out=a.out, preset="accurate",
+        threads=a.threads, colour_option=["min_trimmed=0"], subsets=shared_layer_subsets))
 
 
 def smoothed(m: np.ndarray, kind: str) -> np.ndarray:

@@ -73,15 +73,14 @@ def collect(a) -> None:
     seg.model = dataclasses.replace(seg.model, colour=Recording(seg.model.colour.tau, seg.model.colour.options))
 
     subsets: dict = {}
+    extra = getattr(a, "subsets", None) or (view_subsets if getattr(a, "view_subsets", False) else None)
     with contextlib.ExitStack() as stack:
-        if getattr(a, "view_subsets", False):   # the query alone, and with its left-right flip, beside the three
+        if extra is not None:               # more margins of the same query kept beside the segmenter's own
             from fdseg.methods.fm import FeatureMatching
             whole = FeatureMatching.score_views
 
             def score_views(self, queries, flips, exact_above=None):
-                if len(queries) == 3:
-                    subsets["views1"] = whole(self, queries[:1], flips[:1], exact_above).float().numpy()
-                    subsets["views2"] = whole(self, queries[:2], flips[:2], exact_above).float().numpy()
+                subsets.update(extra(seg, self, queries, flips, exact_above, whole))
                 return whole(self, queries, flips, exact_above)
             stack.enter_context(mock.patch.object(FeatureMatching, "score_views", score_views))
 
@@ -99,6 +98,15 @@ def collect(a) -> None:
                 _save(done, out)
                 print(f"{i + 1}/{len(eps)} episodes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     _save(done, out)
+
+
+def view_subsets(seg, fm, queries, flips, exact_above, whole) -> dict:
+    """Where the query is matched in three views (1-shot): the margins of the query alone (``views1``) and
+    with its left-right flip (``views2``), pruned at the same threshold (``collect --view-subsets``)."""
+    if len(queries) != 3:
+        return {}
+    return {"views1": whole(fm, queries[:1], flips[:1], exact_above).float().numpy(),
+            "views2": whole(fm, queries[:2], flips[:2], exact_above).float().numpy()}
 
 
 def _options(items: list[str]) -> tuple:
