@@ -163,8 +163,8 @@ def profile(cat, dataset: str, cls: str, shots: int, queries: int, seg_kwargs: d
         for q in qs:
             seg.predict(q)
         q = breakdown(len(eps))
-    info["grid"] = list(seg.margins(qs[0])[0].shape)
-    info["query_size"] = list(seg.predict(qs[0]).mask.shape)
+    grid, query_size = seg.margins(qs[0])
+    info["grid"], info["query_size"] = list(grid.shape), list(query_size)
     return {**info, "fit_ms": fit, "query_ms": q}
 
 
