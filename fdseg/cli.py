@@ -327,6 +327,7 @@ def cmd_list(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from .errors import InputError
     from .serve import ServeConfig, Settings, serve
+    from .serve.auth import new_token, read_token_file
     _threads(a)
     weights = {}
     for w in a.weights or []:
@@ -336,19 +337,41 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise InputError(path, "weights file does not exist")
         weights[name] = path
+    loopback = a.host in ("127.0.0.1", "localhost", "::1")
+    # the access token: from --token-file (anywhere), else a new one on a network address unless --no-auth
+    token = read_token_file(a.token_file) if a.token_file else None
+    generated = token is None and not loopback and not a.no_auth
+    if generated:
+        token = new_token()
     cfg = ServeConfig(max_request_bytes=int(a.max_request_mb * 2**20), max_file_bytes=int(a.max_file_mb * 2**20),
                       max_pixels=a.max_pixels, max_supports=a.max_supports, max_queries=a.max_queries,
                       max_sessions=a.max_sessions, workers=a.workers, max_queue=a.max_queue, device=a.device,
                       weights=weights, sessions_dir=None if a.sessions_dir == "" else Path(a.sessions_dir),
                       defaults=Settings(method=a.method, backbone=a.backbone, threshold=a.threshold, size=a.size,
-                                        resize=a.resize, preset=a.preset))
-    loopback = a.host in ("127.0.0.1", "localhost", "::1")
-    if not loopback:
-        print(f"fdseg serve: listening on {a.host}: anyone who can reach this machine can use the app "
-              f"(there is no login)", file=sys.stderr)
+                                        resize=a.resize, preset=a.preset), token=token)
     hosts = None if loopback else (a.allowed_host or ["*"])
-    print(f"fdseg serve: open http://{'127.0.0.1' if a.host in ('0.0.0.0', '::') else a.host}:{a.port}/ "
-          f"(API spec: /openapi.json; Ctrl-C stops)", file=sys.stderr)
+    shown = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{a.port}/"
+    say = lambda msg: print(f"fdseg serve: {msg}", file=sys.stderr)  # noqa: E731
+    elsewhere = (" (from other machines: this machine's name or address instead of 127.0.0.1)"
+                 if a.host in ("0.0.0.0", "::") else "")
+    if generated:       # the one place the token is shown: this terminal, once
+        say(f"listening on {a.host}: every request needs this access token (a new one at each start; "
+            f"--token-file FILE keeps one; REST: header 'Authorization: Bearer TOKEN')")
+        say(f"open {url}#token={token}{elsewhere}")
+    elif token is not None:
+        if len(token) < 16:
+            say(f"warning: the token in {a.token_file} has only {len(token)} characters; a long random one is "
+                f"far harder to guess: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        say(f"listening on {a.host}: every request needs the access token in {a.token_file} "
+            f"(REST: header 'Authorization: Bearer TOKEN'; the page asks for it, or open {url}#token=TOKEN)")
+        say(f"open {url}{elsewhere}")
+    else:
+        if not loopback:
+            say(f"listening on {a.host} with --no-auth: anyone who can reach this machine can use the app "
+                f"(there is no login)")
+        say(f"open {url}{elsewhere}")
+    say("API spec: /openapi.json; Ctrl-C stops")
     serve(cfg, host=a.host, port=a.port, allowed_hosts=hosts, log_level=a.log_level)
     return 0
 

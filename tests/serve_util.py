@@ -9,14 +9,15 @@ from typing import Iterator
 
 
 @contextmanager
-def running_server(app) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1:<free port> in a background thread; yields the base URL."""
+def running_server(app, log_level: str = "warning") -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1:<free port> in a background thread; yields the base URL. ``log_level``
+    "info" turns on uvicorn's access log (one line per request)."""
     import uvicorn
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
     t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     t.start()
     deadline = time.time() + 30

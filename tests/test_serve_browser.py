@@ -1,10 +1,13 @@
 """The web app end to end in a real headless browser (Debian chromium driven by Playwright).
 
-A support image is uploaded, its defect painted with the mouse along the real crack (and a
+The server is token-protected (as on a network address) and the page is opened with ``#token=...``
+as ``fdseg serve`` prints it. A support image is uploaded, its defect painted with the mouse along the real crack (and a
 slip of the brush erased); a second support gets its mask file uploaded; two queries are
 uploaded and segmented; the overlays must appear with a non-zero
 defect area, the painted mask the server received must lie on the real crack, and the
-page must not have asked for anything outside the server. The screenshot goes to the
+page must not have asked for anything outside the server. A second, quicker test opens the page
+without the token: it must ask for it, refuse a wrong one, then work; its result cards must say what
+their verdict is (a speck below one grid cell is named, not counted as a defect region). The screenshot goes to the
 test's tmp folder, and to docs/serve-app.png (the README's) when FDSEG_UPDATE_DOCS=1.
 
 Skips when chromium or Playwright is missing, unless FDSEG_REQUIRE_BROWSER=1 (CI).
@@ -27,6 +30,40 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve-app.png"
+TOKEN = "browser-test-token-" + "k" * 24
+
+
+def _check_page_basics(page):
+    """Only runnable choices are offered; what the others need is one collapsed line, not a list."""
+    page.wait_for_function("document.getElementById('backbone').options.length > 0")
+    backbones = page.locator("#backbone option").all_inner_texts()
+    assert "efficientnet_lite0" in backbones and "pdn_small" not in backbones and "onnx" not in backbones
+    note = page.locator("#option-note")
+    assert note.locator("details").count() <= 1 and not note.locator("details[open]").count()
+    shown = note.inner_text()
+    assert "needs weights" not in shown and shown.count("\n") <= 1, shown
+    if note.locator("summary").count():
+        note.locator("summary").click()             # opened: one line per kind of need, not per entry
+        lines = note.locator("li").all_inner_texts()
+        assert sum("--weights" in ln for ln in lines) == 1, lines
+        note.locator("summary").click()
+
+
+def _check_cards_agree(page) -> list[dict]:
+    """Each result card's words agree with its verdict: defective <-> at least one defect region."""
+    cards = page.locator("#results .result.done")
+    out = []
+    for i in range(cards.count()):
+        c = cards.nth(i)
+        verdict, regions = c.get_attribute("data-verdict"), int(c.locator(".components").inner_text())
+        text = c.locator(".meta").nth(1).inner_text()
+        if verdict == "defective":
+            assert c.locator(".verdict").inner_text() == "defective" and regions >= 1, text
+        else:
+            assert c.locator(".verdict").inner_text() == "OK" and regions == 0, text
+            assert c.locator(".specks").count() == 0 or "not a defect" in text, text
+        out.append({"verdict": verdict, "regions": regions, "text": text})
+    return out
 
 
 def _need_browser():
@@ -79,7 +116,8 @@ def test_paint_support_segment_queries_in_browser(defects_root, tmp_path):
         q_files.append(tmp_path / f"query_{i + 1}{q.suffix}")
         shutil.copy(q, q_files[-1])
 
-    app = create_app(ServeConfig(sessions_dir=tmp_path / "sessions"))
+    app = create_app(ServeConfig(sessions_dir=tmp_path / "sessions", token=TOKEN))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
     outside: list[str] = []
     console_errors: list[str] = []
     with running_server(app) as url, sync_playwright() as p:
@@ -90,9 +128,12 @@ def test_paint_support_segment_queries_in_browser(defects_root, tmp_path):
             page.on("request", lambda r: outside.append(r.url)
                     if not r.url.startswith((url, "data:", "blob:")) else None)
             page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-            page.goto(url + "/")
+            page.goto(url + "/#token=" + TOKEN)           # as fdseg serve prints it on a network address
             page.wait_for_function("document.getElementById('method').options.length > 0")
             assert "fm" in page.locator("#method option").all_inner_texts()
+            assert TOKEN not in page.evaluate("location.href")          # taken off the address bar
+            assert page.locator("#token-section").is_hidden()
+            _check_page_basics(page)
 
             page.set_input_files("#support-input", str(sup_file))
             canvas = page.locator("#support-list canvas.mask").first
@@ -156,21 +197,26 @@ def test_paint_support_segment_queries_in_browser(defects_root, tmp_path):
                 assert page.evaluate("(el) => el.naturalWidth", cards.nth(i).locator("img.overlay").element_handle()) \
                     == Image.open(queries[0]).size[0]
             assert not page.locator("#zip-link.disabled").count()
+            _check_cards_agree(page)
             page.screenshot(path=str(tmp_path / "shot.png"), full_page=True)
 
             # the mask the server fitted on lies on the real crack
             sid = page.evaluate("state.session")
             import httpx
-            got = np.array(Image.open(io.BytesIO(httpx.get(f"{url}/v1/sessions/{sid}/supports/1/mask").content))) > 0
+            assert httpx.get(f"{url}/v1/sessions/{sid}/supports/1/mask").status_code == 401
+            got = np.array(Image.open(io.BytesIO(httpx.get(f"{url}/v1/sessions/{sid}/supports/1/mask",
+                                                           headers=auth).content))) > 0
             assert got.shape == gt.shape
             near = ndimage.binary_dilation(gt, iterations=8)
             assert got.sum() > 50 and (got & near).sum() / got.sum() > 0.7
-            got2 = np.array(Image.open(io.BytesIO(httpx.get(f"{url}/v1/sessions/{sid}/supports/2/mask").content))) > 0
+            got2 = np.array(Image.open(io.BytesIO(httpx.get(f"{url}/v1/sessions/{sid}/supports/2/mask",
+                                                            headers=auth).content))) > 0
             assert (got2 == gt2).all()                            # an uploaded mask arrives unchanged
-            # the results ZIP behind the download link has both masks
-            z = httpx.get(url + page.get_attribute("#zip-link", "href"))
+            # the download link fetches the results ZIP with the token; it has both masks
+            with page.expect_download() as dl:
+                page.click("#zip-link")
             import zipfile
-            names = zipfile.ZipFile(io.BytesIO(z.content)).namelist()
+            names = zipfile.ZipFile(dl.value.path()).namelist()
             assert {"masks/query_1.png", "masks/query_2.png", "summary.csv", "report.html"} <= set(names)
         finally:
             browser.close()
@@ -181,3 +227,80 @@ def test_paint_support_segment_queries_in_browser(defects_root, tmp_path):
         shot.thumbnail((1100, 1100))
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shot.quantize(colors=128).save(SCREENSHOT, optimize=True)
+
+
+@pytest.mark.browser
+def test_page_asks_for_the_token_and_cards_say_their_verdict(demo, tmp_path, monkeypatch):
+    """No #token in the address: the page asks once a call is refused, refuses a wrong token, then works
+    (and keeps the token for the tab). The demo's support + mask, a blowhole query and a defect-free one
+    are segmented; on the defect-free one a speck below one grid cell is added to the real prediction:
+    its card must say OK and name the speck, not count it as a defect region."""
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    import fdseg
+    from fdseg.pipeline.finish import components
+    from fdseg.serve import ServeConfig, create_app
+
+    real_predict = fdseg.FewShotSegmenter.predict
+
+    def predict_with_speck(self, image, *a, **k):
+        pred = real_predict(self, image, *a, **k)
+        if not pred.is_defective:                  # a 2 x 2 px speck at the centre: far below one cell
+            h, w = pred.mask.shape
+            assert 4 * pred.margin_grid.size < h * w
+            pred.mask = pred.mask.copy()
+            pred.mask[h // 2:h // 2 + 2, w // 2:w // 2 + 2] = True
+            pred.boxes = components(pred.mask)[1]
+        return pred
+    monkeypatch.setattr(fdseg.FewShotSegmenter, "predict", predict_with_speck)
+
+    (s_img, s_mask), (q_bad, _), q_ok = demo.supports[1], demo.queries[1], demo.free[1]
+    app = create_app(ServeConfig(sessions_dir=None, token=TOKEN))
+    outside: list[str] = []
+    with running_server(app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000}, bypass_csp=True)
+            page.on("request", lambda r: outside.append(r.url)
+                    if not r.url.startswith((url, "data:", "blob:")) else None)
+            page.goto(url + "/")
+            page.locator("#token-section").wait_for(state="visible")
+            assert page.locator("#method option").count() == 0          # nothing loaded without it
+            assert "access token" in page.locator("#status").inner_text()
+            page.fill("#token-input", "not-the-token")
+            page.click("#token-form button[type=submit]")
+            page.wait_for_function("document.getElementById('token-msg').textContent.includes('not accepted')")
+            assert page.locator("#token-section").is_visible()
+            page.fill("#token-input", TOKEN)
+            page.click("#token-form button[type=submit]")
+            page.wait_for_function("document.getElementById('method').options.length > 0")
+            assert page.locator("#token-section").is_hidden()
+            assert page.evaluate("sessionStorage.getItem('fdseg-token')") == TOKEN
+            assert TOKEN not in page.evaluate("location.href")
+            _check_page_basics(page)
+            page.reload()                                               # the tab keeps it: not asked again
+            page.wait_for_function("document.getElementById('method').options.length > 0")
+            assert page.locator("#token-section").is_hidden()
+
+            page.set_input_files("#support-input", str(s_img))
+            page.locator("#support-list .card").first.wait_for()
+            page.locator("#support-list .card input.mask-input").set_input_files(str(s_mask))
+            page.wait_for_function("document.querySelector('#support-list .card .meta span').textContent !== '0.00%'")
+            page.set_input_files("#query-input", [str(q_bad), str(q_ok)])
+            page.click("#run-btn")
+            try:
+                page.wait_for_function("document.querySelectorAll('#results .result.done').length === 2",
+                                       timeout=120_000)
+            except Exception:
+                pytest.fail("no results; page status: " + page.locator("#status").inner_text() + " | " +
+                            page.locator("#results").inner_text())
+            cards = {c["verdict"]: c for c in _check_cards_agree(page)}
+            assert set(cards) == {"defective", "ok"}, cards
+            ok = cards["ok"]["text"]
+            assert ok.startswith("OK") and "0 defect regions" in ok and "1 speck below the smallest defect size" \
+                in ok and "not a defect" in ok, ok
+            page.screenshot(path=str(tmp_path / "token-shot.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not outside, f"the page requested outside resources: {outside}"

@@ -2,6 +2,10 @@
 
     from fdseg.serve import ServeConfig, create_app, serve
     serve(ServeConfig(), host="127.0.0.1", port=8765)       # blocks; Ctrl-C stops
+    serve(ServeConfig(token=TOKEN), host="0.0.0.0", allowed_hosts=["*"])   # on a network: token required
+
+``ServeConfig(token=...)``: every request but the page's shell needs ``Authorization: Bearer <token>``
+(:mod:`fdseg.serve.auth`; ``fdseg serve`` sets one on any non-loopback address unless ``--no-auth``).
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ fonts) and the pages carry a Content-Security-Policy that forbids loading anythi
 from elsewhere, so the app works on a machine with no internet. FastAPI's Swagger
 UI fetches its JavaScript from a CDN, so it is switched off; the OpenAPI spec is
 served at /openapi.json.
+
+With ``ServeConfig(token=...)`` (``fdseg serve`` on a network address) every request but the page's
+static shell needs ``Authorization: Bearer <token>`` (:mod:`fdseg.serve.auth`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import __version__
 from ..errors import FdsegError, InputError
+from .auth import TokenAuth, check_token
 from .engine import MASK_FORMATS, Busy, Engine, NotFound, ServeConfig, Settings, options
 from .uploads import Upload, UploadError, display_name
 
@@ -109,6 +113,20 @@ _NORMAL_DOC = {"normal": ("files", "optional defect-free (OK) images of the same
                                    "their cells join the background, which lowers false alarms")}
 
 
+def _document_bearer(app: FastAPI) -> None:
+    """Declare the bearer token in /openapi.json (every operation needs it)."""
+    base = app.openapi
+
+    def openapi():
+        spec = base()
+        spec.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer",
+            "description": "the access token printed where fdseg serve was started (or its --token-file)"}
+        spec["security"] = [{"bearer": []}]
+        return spec
+    app.openapi = openapi
+
+
 def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The app; ``allowed_hosts`` (Host header check against DNS rebinding) defaults to loopback names."""
     config = config or ServeConfig()
@@ -119,6 +137,9 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
     app.state.engine = engine
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_HOSTS)
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    if config.token is not None:     # outside the body limit and the routes: nothing is read or done first
+        app.add_middleware(TokenAuth, token=check_token(config.token, "ServeConfig.token"))
+        _document_bearer(app)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

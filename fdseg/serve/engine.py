@@ -34,8 +34,9 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_bytes, write_text
 from ..errors import FdsegError, InputError
+from ..pipeline.finish import MIN_CELLS, mask_box
 from ..report.html import card, esc, page, table
-from ..report.overlay import GREEN, overlay
+from ..report.overlay import GREEN, RED, overlay
 from ..segment_folder import _row, _write_summary
 from .uploads import (Upload, UploadError, archive_stem, b64, decode_image, decode_mask, display_name,
                       image_format, jpeg_bytes, png_bytes, rle_encode)
@@ -80,29 +81,83 @@ def _proposer_registry():
     return PROPOSERS
 
 
+def _extra_missing(extra: str | None) -> list[str]:
+    """The packages of ``fdseg[extra]`` that are not installed (by fdseg's own metadata; [] when the
+    extra is unknown there, e.g. one another package registers, or fdseg is not installed as a package)."""
+    if not extra:
+        return []
+    return list(_extras_missing().get(extra, []))
+
+
+_EXTRAS_MISSING: dict[str, list[str]] | None = None
+
+
+def _extras_missing() -> dict[str, list[str]]:
+    global _EXTRAS_MISSING
+    if _EXTRAS_MISSING is None:
+        import importlib.metadata as md
+        out: dict[str, list[str]] = {}
+        try:
+            reqs = md.requires("fdseg") or []
+        except md.PackageNotFoundError:
+            reqs = []
+        for r in reqs:
+            m = re.match(r"""^\s*([A-Za-z0-9][A-Za-z0-9._-]*).*;.*extra\s*==\s*["']([^"']+)["']""", r)
+            if not m:
+                continue
+            pkg, extra = m.groups()
+            missing = out.setdefault(extra, [])
+            try:
+                md.version(pkg)
+            except md.PackageNotFoundError:
+                missing.append(pkg)
+        _EXTRAS_MISSING = out
+    return _EXTRAS_MISSING
+
+
+def _mark(info: dict, needs: str | None, note: str | None) -> dict:
+    """``available`` / ``needs`` (weights | checkpoint | extra | null) / ``note`` of one entry."""
+    info["available"] = needs is None
+    info["needs"] = needs
+    if note:
+        info["note"] = note
+    return info
+
+
+def _needs_extra(info: dict) -> tuple[str | None, str | None]:
+    missing = _extra_missing(info.get("extra"))
+    if missing:
+        return "extra", f"needs pip install 'fdseg[{info['extra']}]' (missing: {', '.join(missing)})"
+    return None, None
+
+
 def options(weights: dict[str, str]) -> dict:
-    """Methods, backbones and refinements registered now, with what each needs."""
+    """Methods, backbones and refinements registered now, with what each needs: ``available`` (false:
+    this server cannot run it as started), ``needs`` (what is missing: ``weights``, ``checkpoint``,
+    ``extra``, or null) and ``note`` (how to get it)."""
     from ..backbones.registry import BACKBONES
     from ..methods.registry import METHODS
     backbones = []
     for n in BACKBONES.names():
         info = _entry_info(BACKBONES, n)
-        needs = bool(info.get("needs_weights"))
-        info["available"] = not needs or n in weights
-        if needs and n not in weights:
-            info["note"] = f"needs weights: start the server with --weights {n}=PATH"
+        if info.get("needs_weights") and n not in weights:
+            _mark(info, "weights", f"needs weights: start the server with --weights {n}=PATH")
+        else:
+            _mark(info, *_needs_extra(info))
         backbones.append(info)
-    methods = [_entry_info(METHODS, n) | {"available": True} for n in METHODS.names()]
-    for m in methods:
+    methods = []
+    for n in METHODS.names():
+        m = _entry_info(METHODS, n)
         if m.get("needs_checkpoint"):     # e.g. meta: trained with `fdseg train-meta`, not choosable here
-            m["available"] = False
-            m["note"] = "needs a trained checkpoint: use fdseg segment --method-option checkpoint=PATH"
-        elif m["extra"]:
-            m["note"] = f"needs pip install 'fdseg[{m['extra']}]' if not installed"
-    refine = [{"name": "none", "summary": "no refinement", "extra": None, "available": True}]
+            _mark(m, "checkpoint", "needs a trained checkpoint: use fdseg segment --method-option checkpoint=PATH")
+        else:
+            _mark(m, *_needs_extra(m))
+        methods.append(m)
+    refine = [{"name": "none", "summary": "no refinement", "extra": None, "available": True, "needs": None}]
     reg = _proposer_registry()
     for n in _refine_lister()():
-        refine.append(_entry_info(reg, n) | {"available": True})
+        info = _entry_info(reg, n)
+        refine.append(_mark(info, *_needs_extra(info)))
     from ..presets import PRESETS
     return {"methods": methods, "backbones": backbones, "refine": refine, "resize": list(RESIZE_MODES),
             "presets": list(PRESETS)}
@@ -174,6 +229,7 @@ class ServeConfig:
     sessions_dir: Path | None = None        # where "save session" writes
     defaults: Settings = field(default_factory=Settings)
     max_templates: int = 3                  # models kept in memory (one per distinct setting)
+    token: str | None = field(default=None, repr=False)   # access token every request needs (None: no auth)
 
 
 # -- sessions ------------------------------------------------------------------------------------
@@ -350,12 +406,17 @@ class Engine:
             res = {"index": i, "name": q.name, **{k: row[k] for k in ("width", "height", "defect_fraction",
                                                                        "components", "boxes", "max_score",
                                                                        "verdict", "defect_score")}}
+            cells, specks = component_cells(pred)
+            n_regions = sum(c >= MIN_CELLS and c > 0 for c in cells)
+            res.update(component_cells=[round(c, 3) for c in cells], regions=n_regions,
+                       specks=len(cells) - n_regions, min_region_cells=MIN_CELLS,
+                       largest_cells=round(pred.largest_cells, 3), ok_gated=bool(pred.ok_gated))
             mask_png = png_bytes(pred.mask) if (mask_format == "png" or store) else b""
             if mask_format == "png":
                 res["mask"] = {"format": "png", "data": b64(mask_png)}
             elif mask_format == "rle":
                 res["mask"] = {"format": "rle", **rle_encode(pred.mask)}
-            ov = jpeg_bytes(overlay(rgb, pred.mask)) if (want_overlay or store) else b""
+            ov = jpeg_bytes(draw_result(rgb, pred.mask, specks)) if (want_overlay or store) else b""
             if want_overlay:
                 res["overlay_jpeg"] = b64(ov)
             if store:
@@ -459,6 +520,52 @@ class Engine:
                                  f"support {i + 1}"),
                           Upload((d / s["mask"]).read_bytes(), f"mask {i + 1}", f"mask {i + 1}")))
         return settings, pairs
+
+
+SPECK = (255, 176, 0)       # amber: a mask speck below the smallest defect size (not what makes the verdict)
+
+
+def component_cells(pred) -> tuple[list[float], np.ndarray | None]:
+    """Each 8-connected component of ``pred.mask`` in grid cells, in the order of ``pred.boxes`` (the
+    verdict's measure: pixels x grid cells / pixels), and the mask of the *specks*: the components below
+    ``MIN_CELLS`` grid cells, which stay in the mask but do not make the image defective (None: none)."""
+    from scipy import ndimage
+    mask = pred.mask
+    box = mask_box(mask)
+    if box is None:
+        return [], None
+    ys, xs = box
+    lab, n = ndimage.label(mask[ys, xs], structure=np.ones((3, 3), dtype=bool))
+    px = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    cells = px * pred.margin_grid.size / mask.size
+    small = ~((cells >= MIN_CELLS) & (cells > 0))
+    specks = None
+    if small.any():
+        specks = np.zeros_like(mask)
+        specks[ys, xs] = np.concatenate([[False], small])[lab]
+    return [float(c) for c in cells], specks
+
+
+def draw_result(rgb: np.ndarray, mask: np.ndarray, specks: np.ndarray | None) -> np.ndarray:
+    """The result picture: the regions that make the verdict filled red and outlined; specks (below the
+    smallest defect size) only ringed in amber, so that a red region always means "defective"."""
+    if specks is None:
+        return overlay(rgb, mask, RED)
+    from scipy import ndimage
+    out = overlay(rgb, mask & ~specks, RED)
+    w = max(1, round(max(rgb.shape[:2]) / 300))
+    ys, xs = mask_box(specks)
+    pad = w + 2
+    ys = slice(max(0, ys.start - pad), min(mask.shape[0], ys.stop + pad))
+    xs = slice(max(0, xs.start - pad), min(mask.shape[1], xs.stop + pad))
+    sp = specks[ys, xs]
+    sq = np.ones((3, 3), dtype=bool)        # a square ring one pixel off the speck, ``w`` wide
+    ring = ndimage.binary_dilation(sp, sq, iterations=w + 1) & ~ndimage.binary_dilation(sp, sq, iterations=1)
+    ring &= ~mask[ys, xs]
+    sub = out[ys, xs]
+    sub[ring] = SPECK
+    sub[sp] = (0.7 * sub[sp] + 0.3 * np.array(SPECK, np.float32)).astype(np.uint8)
+    return out
 
 
 def _upload_source(source, normals: list[Upload]):

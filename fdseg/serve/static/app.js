@@ -21,33 +21,132 @@ function setStatus(msg, isError = false) {
   el.classList.toggle("error", isError);
 }
 
+// ---------------------------------------------------------------- access token
+// A server on the network needs its access token on every /v1 call (header Authorization: Bearer).
+// The page takes it from the address (#token=..., then removed from the address bar) or asks for it
+// once a call is refused (401), and keeps it in this tab's sessionStorage; never in the query string.
+const TOKEN_KEY = "fdseg-token";
+let token = "";
+let tokenAsk = null;
+
+function loadToken() {
+  try { token = sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { token = ""; }
+  const m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
+  if (m) {
+    setToken(decodeURIComponent(m[1]));
+    const rest = location.hash.slice(1).split("&").filter((p) => !p.startsWith("token=")).join("&");
+    history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+  }
+}
+
+function setToken(t) {
+  token = t.trim();
+  try { sessionStorage.setItem(TOKEN_KEY, token); } catch (e) { /* private mode: keep it in memory */ }
+}
+
+// show the token form (once for all calls waiting on it); resolves when a token is entered
+function askToken(refused) {
+  if (!tokenAsk) {
+    tokenAsk = new Promise((resolve) => {
+      $("token-section").hidden = false;
+      $("token-msg").textContent = refused ? "that token was not accepted: check it and try again" : "";
+      setStatus("this server needs its access token", true);
+      const input = $("token-input");
+      input.focus();
+      $("token-form").onsubmit = (ev) => {
+        ev.preventDefault();
+        if (!input.value.trim()) return;
+        setToken(input.value);
+        input.value = "";
+        $("token-section").hidden = true;
+        $("token-form").onsubmit = null;
+        tokenAsk = null;
+        setStatus("token accepted for this tab");
+        resolve();
+      };
+    });
+  }
+  return tokenAsk;
+}
+
 async function api(path, opts = {}) {
-  let resp;
-  try {
-    resp = await fetch(path, opts);
-  } catch (e) {
-    throw new Error("cannot reach the fdseg server (" + e.message + ")");
+  for (;;) {
+    const sent = token;
+    const headers = new Headers(opts.headers || {});
+    if (sent) headers.set("Authorization", "Bearer " + sent);
+    let resp;
+    try {
+      resp = await fetch(path, { ...opts, headers });
+    } catch (e) {
+      throw new Error("cannot reach the fdseg server (" + e.message + ")");
+    }
+    if (resp.status === 401) {
+      if (token === sent) await askToken(Boolean(sent));   // else: a new token came in meanwhile
+      continue;
+    }
+    const type = resp.headers.get("content-type") || "";
+    const body = type.includes("json") ? await resp.json() : await resp.blob();
+    if (!resp.ok) {
+      throw new Error(body && body.error ? body.error : "HTTP " + resp.status);
+    }
+    return body;
   }
-  const type = resp.headers.get("content-type") || "";
-  const body = type.includes("json") ? await resp.json() : await resp.blob();
-  if (!resp.ok) {
-    throw new Error(body && body.error ? body.error : "HTTP " + resp.status);
-  }
-  return body;
 }
 
 // ---------------------------------------------------------------- settings
+// only what this server can run is offered (and the current value, should it be a default that cannot run)
 function fillSelect(sel, items, value) {
   sel.innerHTML = "";
   for (const it of items) {
+    if (it.available === false && it.name !== value) continue;
     const o = document.createElement("option");
     o.value = it.name;
-    o.textContent = (it.label || it.name) + (it.extra ? "  [fdseg[" + it.extra + "]]" : "");
+    o.textContent = it.label || it.name;
     o.title = (it.summary || "") + (it.note ? " — " + it.note : "");
     o.disabled = it.available === false;
     sel.appendChild(o);
   }
   sel.value = value;
+}
+
+// what the choices this server cannot run need, said once per kind of need (collapsed)
+const NEED_HOW = {
+  weights: () => "start fdseg serve with --weights NAME=PATH",
+  checkpoint: () => "use fdseg segment --method-option checkpoint=PATH (not in the app)",
+  extra: (x) => "pip install 'fdseg[" + x.extra + "]' and restart fdseg serve",
+};
+const NEED_WHAT = { weights: "a weights file", checkpoint: "a trained checkpoint" };
+
+function renderOptionNote(o) {
+  const el = $("option-note");
+  el.innerHTML = "";
+  const groups = new Map();
+  for (const [kind, items] of [["method", o.methods], ["backbone", o.backbones], ["refinement", o.refine]]) {
+    for (const x of items) {
+      if (x.available !== false) continue;
+      const need = x.needs || "other";
+      const key = kind + "|" + need + "|" + (need === "extra" ? x.extra : "");
+      if (!groups.has(key)) groups.set(key, { kind, need, first: x, names: [] });
+      groups.get(key).names.push(x.name);
+    }
+  }
+  if (!groups.size) return;
+  const n = [...groups.values()].reduce((a, g) => a + g.names.length, 0);
+  const det = document.createElement("details");
+  const sum = document.createElement("summary");
+  sum.textContent = n + " more choice" + (n > 1 ? "s" : "") + " this server cannot run as started (what they need)";
+  const ul = document.createElement("ul");
+  for (const g of groups.values()) {
+    const li = document.createElement("li");
+    const many = g.names.length > 1;
+    const what = g.need === "extra" ? "fdseg[" + g.first.extra + "]" : NEED_WHAT[g.need] || "more setup";
+    const how = NEED_HOW[g.need] ? NEED_HOW[g.need](g.first) : (g.first.note || "");
+    li.textContent = g.names.length + " " + g.kind + (many ? "s" : "") + " need" + (many ? "" : "s") + " " + what +
+      " (" + g.names.join(", ") + "): " + how;
+    ul.appendChild(li);
+  }
+  det.append(sum, ul);
+  el.appendChild(det);
 }
 
 async function loadOptions() {
@@ -60,8 +159,7 @@ async function loadOptions() {
   fillSelect($("resize"), [{ name: "", label: "(the preset's)" }, ...o.resize.map((n) => ({ name: n }))], o.defaults.resize);
   $("threshold").value = o.defaults.threshold;
   $("size").value = o.defaults.size;
-  const notes = [...o.methods, ...o.backbones, ...o.refine].filter((x) => x.note).map((x) => x.name + ": " + x.note);
-  $("option-note").textContent = notes.join(" · ");
+  renderOptionNote(o);
   $("save-btn").title = o.saving ? "" : "start the server with --sessions-dir to save sessions";
 }
 
@@ -397,22 +495,12 @@ function renderQuery(q) {
     c.classList.add(r.verdict === "defective" ? "defective" : "clean");
     c.dataset.defectFraction = r.defect_fraction;
     c.dataset.verdict = r.verdict;
+    c.dataset.regions = r.regions ?? r.components;
     const img = document.createElement("img");
     img.className = "overlay";
     img.alt = "mask overlay of " + q.name;
     img.src = "data:image/jpeg;base64," + r.overlay_jpeg;
-    const meta = document.createElement("div");
-    meta.className = "meta";
-    meta.innerHTML = "<span class='verdict'></span> · <span class='area'></span> defect area · score " +
-      "<span class='score'></span> · <span class='components'></span> region(s)";
-    const v = meta.querySelector(".verdict");
-    v.textContent = r.verdict === "defective" ? "defective" : "OK";
-    v.classList.add(r.verdict === "defective" ? "defective" : "ok");
-    v.title = "defect score " + r.defect_score.toFixed(3) + " (largest margin above the threshold)";
-    meta.querySelector(".area").textContent = (100 * r.defect_fraction).toFixed(3) + "%";
-    meta.querySelector(".score").textContent = r.max_score.toFixed(3);
-    meta.querySelector(".components").textContent = r.components;
-    c.append(img, title, meta);
+    c.append(img, title, resultMeta(r));
   } else if (q.status === "error") {
     const e = document.createElement("div");
     e.className = "error";
@@ -424,6 +512,48 @@ function renderQuery(q) {
     w.textContent = q.status === "running" ? "segmenting…" : "waiting (press segment)";
     c.append(title, w);
   }
+}
+
+const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s");
+
+// one result's line; what it says agrees with the verdict and with the picture: only regions of at least
+// the smallest defect size (min_region_cells grid cells) make a part defective and are filled red; smaller
+// specks stay in the mask, ringed amber, and are named as such
+function resultMeta(r) {
+  const regions = r.regions ?? r.components;        // an older server sends only components
+  const specks = r.specks ?? 0;
+  const minCells = r.min_region_cells ?? 1;
+  const smallest = minCells === 1 ? "one grid cell" : minCells + " grid cells";
+  const defective = r.verdict === "defective";
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const span = (cls, text) => {
+    const e = document.createElement("span");
+    e.className = cls;
+    e.textContent = text;
+    return e;
+  };
+  const v = span("verdict " + (defective ? "defective" : "ok"), defective ? "defective" : "OK");
+  v.title = "defect score " + r.defect_score.toFixed(3) + " (largest margin above the threshold); defective = " +
+    "a marked region of at least " + smallest;
+  const what = document.createElement("span");
+  what.className = "what";
+  what.append(span("components", String(regions)), " defect region" + (regions === 1 ? "" : "s"));
+  const parts = [v, what];
+  if (specks) {
+    const sp = span("specks", (regions ? "+ " : "") + plural(specks, "speck") + " below the smallest defect size (" +
+      smallest + "), ringed amber" + (defective ? "" : ": not a defect"));
+    sp.title = "marks smaller than one cell of the grid the matching sees: kept in the mask, not counted";
+    parts.push(sp);
+  }
+  const area = document.createElement("span");
+  area.append(span("area", (100 * r.defect_fraction).toFixed(3) + "%"), " of the image marked");
+  parts.push(area);
+  const score = document.createElement("span");
+  score.append("score ", span("score", r.max_score.toFixed(3)));
+  parts.push(score);
+  parts.forEach((p, i) => { if (i) meta.append(" · "); meta.append(p); });
+  return meta;
 }
 
 function sortResults() {
@@ -443,6 +573,7 @@ function updateButtons() {
   const zip = $("zip-link");
   zip.classList.toggle("disabled", !haveDone);
   zip.href = haveDone ? "/v1/sessions/" + state.session + "/results.zip" : "#";
+  zip.dataset.session = haveDone ? state.session : "";
   if (state.dirty && state.queries.some((q) => q.status === "done")) {
     $("progress").textContent = "supports or settings changed: press segment to update the results";
   }
@@ -514,8 +645,30 @@ async function openSaved() {
   }
 }
 
+// the ZIP is fetched with the token (a plain link cannot send it), then saved from a blob URL
+async function downloadZip(ev) {
+  ev.preventDefault();
+  const sid = $("zip-link").dataset.session;
+  if (!sid) return;
+  try {
+    setStatus("preparing the ZIP…");
+    const blob = await api("/v1/sessions/" + sid + "/results.zip");
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = "fdseg-" + sid + ".zip";
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+    setStatus("ready");
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
 // ---------------------------------------------------------------- wiring
 function init() {
+  loadToken();
   $("support-input").addEventListener("change", async (ev) => {
     for (const f of [...ev.target.files]) await addSupport(f, f.name);
     ev.target.value = "";
@@ -552,6 +705,7 @@ function init() {
   $("run-btn").addEventListener("click", runAll);
   $("save-btn").addEventListener("click", saveSession);
   $("open-btn").addEventListener("click", openSaved);
+  $("zip-link").addEventListener("click", downloadZip);
   loadOptions()
     .then(() => { setStatus("ready: add support images"); updateButtons(); return loadSaved(); })
     .catch((e) => setStatus(e.message, true));
