@@ -180,8 +180,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         episodes_by_k[k] = eps
         save_episodes(out / f"episodes_{k}shot.json", eps, root, cfg.seed)
 
+    from .hardware import describe_cpu
     results = {"data": str(Path(cfg.data).resolve()), "seed": cfg.seed, "eval_size": cfg.eval_size,
-               "segmenter": cfg.segmenter, "runs": []}
+               "segmenter": cfg.segmenter, "cpu": describe_cpu(), "runs": []}
     classes = {ds: sorted(c) for ds, c in cat.classes.items()}
     for method in cfg.methods:
         # the normals' features are cached as well, so each goes through the backbone once per run (the
@@ -264,7 +265,7 @@ def _bench_one(cfg, seg, method, k, episodes, root, classes, out, normals_by: di
         by_ds.setdefault(r["dataset"], []).append(r)
     scores = [dataset_scores(ds, classes.get(ds, sorted({r["cls"] for r in rs})), rs) for ds, rs in sorted(by_ds.items())]
     per_ep = [r["fit_ms"] + r["predict_ms"] for r in ok]
-    return {"method": method, "shots": k, "episodes": len(recs),
+    return {"method": method, "shots": k, "episodes": len(recs), "precision": seg.settings.get("precision"),
             "errors": [{"id": r["id"], "error": r["error"]} for r in recs if "error" in r],
             "datasets": [s.as_dict() for s in scores], **benchmark_mean(scores),
             "ms_per_query_median": statistics.median(per_ep) if per_ep else None,
@@ -310,6 +311,9 @@ def markdown_table(results: dict) -> str:
     lines.append("")
     lines.append("Cells: mIoU / FB-IoU x 100 per dataset (the paper's confusion-matrix metric); "
                  "class mean = mean IoU over all classes; ms/query = median fit + predict per episode.")
+    paths = sorted({r.get("precision") or "?" for r in results["runs"]})
+    lines.append(f"Numeric path: {' / '.join(paths)} (backbone and matching; `--precision`, docs/precision.md)"
+                 + (f" on {results['cpu']}" if results.get("cpu") else "") + ".")
     img = _image_level_table(results)
     return "\n".join(lines) + "\n" + (f"\n{img}" if img else "")
 
@@ -353,8 +357,11 @@ def write_report(results: dict, out: Path) -> Path:
     secs = [f"<p class='muted'>data: {esc(results['data'])} &middot; seed {results['seed']} &middot; "
             f"evaluated at {results['eval_size'] or 'native'} px &middot; settings: "
             f"{esc(json.dumps(results['segmenter']))}</p>"]
-    hdr = ["method", "shots", "class-mean mIoU", "ms/query (median)", "peak RSS MB", "episodes", "errors"]
-    secs.append("<h2>Summary</h2>" + table(hdr, [[r["method"], r["shots"], f"{100 * r['class_mean_miou']:.1f}",
+    hdr = ["method", "shots", "precision", "class-mean mIoU", "ms/query (median)", "peak RSS MB", "episodes", "errors"]
+    if results.get("cpu"):
+        secs.append(f"<p class='muted'>CPU: {esc(results['cpu'])}</p>")
+    secs.append("<h2>Summary</h2>" + table(hdr, [[r["method"], r["shots"], r.get("precision") or "-",
+                                                   f"{100 * r['class_mean_miou']:.1f}",
                                                    f"{r['ms_per_query_median']:.0f}" if r["ms_per_query_median"] else "-",
                                                    f"{r['peak_rss_mb']:.0f}", r["episodes"], len(r["errors"])]
                                                   for r in results["runs"]]))

@@ -60,10 +60,14 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
                         "the supports' own defect pixels), tune_from=3 (from this many supports on TAU is chosen on the "
                         "supports; 0 = never), grey=contrast|rgb|off (grey images), contrast=8, window=63, bins=8, ring=8")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="numeric path of the backbone and the matching (default: $FDSEG_PRECISION, else auto = bf16 "
+                        "where the CPU / GPU runs it fast, fp32 elsewhere); the two paths' masks differ slightly "
+                        "(docs/precision.md)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--batch-size", type=int, default=4, help="queries per backbone batch (default 4)")
     g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method setting, repeatable; fm: precision=auto|fp32|bf16, bg_coreset=0.25 "
+                   help="method setting, repeatable; fm: precision=auto|fp32|bf16 (the matching only; default --precision), bg_coreset=0.25 "
                         "(fraction or count of background cells kept), fg_min=0, normal_cells=4096 (defect-free cells kept, "
                         "with --normal), normal_head=sample|bank|off (what of the normals the linear head sees), "
                         "normal_bank=false|true (also put the normals' cells in the matching bank: docs/normals.md), "
@@ -104,6 +108,8 @@ def _segmenter_kwargs(a: argparse.Namespace) -> dict:
               feature_stride=a.feature_stride, local_avg=a.local_avg, device=a.device)
     if getattr(a, "ok_gate", None):
         kw["ok_gate"] = a.ok_gate
+    if getattr(a, "precision", None):
+        kw["precision"] = a.precision
     # the preset's settings, with the flags given on top (only those given: the rest is the preset's)
     given = dict(resize=a.resize, threshold=a.threshold, colour_refine=a.colour_refine,
                  zoom=a.zoom if a.zoom in (None, "auto") else int(a.zoom),

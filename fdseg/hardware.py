@@ -1,7 +1,13 @@
-"""What the machine can do fast: bf16 matrix multiply on this CPU / GPU?"""
+"""What the machine can do fast (bf16 matrix multiply on this CPU / GPU?) and the numeric path a
+segmenter takes: ``precision`` fp32, bf16 or auto (bf16 only where it is fast).
+
+The two paths give slightly different features (the backbone under bf16 autocast differs from fp32 by
+about 0.01 in a margin), so the same supports can give other masks on another CPU: the path in use is
+named in every plan and bench output, ``FDSEG_PRECISION`` forces it (docs/precision.md)."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -27,7 +33,50 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return any(f in cpu_flags() for f in _BF16_CPU_FLAGS)
+    return any(f in cpu_flags() for f in _BF16_CPU_FLAGS) and _onednn_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_bf16() -> bool:
+    """Whether oneDNN will run bf16 kernels here (False where ``ONEDNN_MAX_CPU_ISA`` caps it below
+    AVX-512, as on an AVX2 CPU: what CI's AVX2 path is reproduced with on an AVX-512 machine)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):      # a torch without the check: the CPU flags decide
+        return True
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_ENV = "FDSEG_PRECISION"
+
+
+def precision_setting(value: str | None = None) -> str:
+    """``value`` (auto, fp32, bf16) or, when None, ``$FDSEG_PRECISION`` (default auto), checked."""
+    from .errors import InputError
+    name = "precision"
+    if value is None:
+        value, name = os.environ.get(PRECISION_ENV, "").strip() or "auto", PRECISION_ENV
+    v = str(value).strip().lower()
+    if v not in PRECISIONS:
+        raise InputError(name, f"choose auto, fp32 or bf16, got {value!r}")
+    return v
+
+
+def resolve_precision(value: str | None = None, device: torch.device | str = "cpu") -> tuple[str, str]:
+    """-> (the numeric path, ``"fp32"`` or ``"bf16"``, and why): ``value`` or ``$FDSEG_PRECISION``;
+    ``auto`` is bf16 where it is fast (:func:`fast_bf16`), fp32 elsewhere."""
+    setting = precision_setting(value)
+    src = "precision" if value is not None else (PRECISION_ENV if os.environ.get(PRECISION_ENV, "").strip()
+                                                  else "precision")
+    if setting != "auto":
+        return setting, f"{src}={setting}" + (" (slow where the hardware has no fast bf16)"
+                                              if setting == "bf16" and not fast_bf16(device) else "")
+    dev = torch.device(device)
+    if fast_bf16(dev):
+        what = "the GPU runs bf16 fast" if dev.type == "cuda" else "the CPU has AVX-512 BF16 / AMX"
+        return "bf16", f"auto: {what} (backbone under bf16 autocast, matching in bf16)"
+    what = "the GPU has no fast bf16" if dev.type == "cuda" else "the CPU has no fast bf16 (e.g. AVX2 only)"
+    return "fp32", f"auto: {what}"
 
 
 def matmul_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype:

@@ -30,8 +30,9 @@ from .data.preprocess import Preprocess, mask_coverage
 from .errors import FdsegError, InputError
 from .feature_cache import FeatureCache, file_key
 from .features import FeatureConfig, FeatureExtractor, as_grid
+from .hardware import resolve_precision
 from .methods import Method, Query, Support, create_method
-from .pipeline import (AUGMENTATIONS, QUERY_VIEWS, ColourStep, Plan, Post, Prediction, QueryViews, SupportViews,
+from .pipeline import (AUGMENTATIONS, QUERY_VIEWS, ColourStep, Decision, Plan, Post, Prediction, QueryViews, SupportViews,
                        ThresholdStep, ZoomStep, choose_zoom, connected_boxes, finish, merge_views, view_images)
 from .pipeline.post import OkGate
 from .pipeline.zoom import ZOOM_BELOW_CELLS
@@ -69,6 +70,7 @@ class Model:
     batch_size: int
     loader_threads: int
     ok_gate: OkGate = OkGate("auto")
+    precision: Decision = Decision("precision", "fp32", "precision=fp32")   # the numeric path and why
 
     def rules(self) -> dict:
         """The settings and rule constants a fit's plan depends on (what a bench run key stores)."""
@@ -155,6 +157,11 @@ class FewShotSegmenter:
         :class:`fdseg.refine.colour.ColourModel` settings (e.g. ``{"slack": 0}``).
     method_options (preset):
         the matcher's options (e.g. ``{"head": 0}`` for fm).
+    precision:
+        the numeric path of the backbone and the matching: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16
+        where the hardware runs it fast: AVX-512 BF16 / AMX CPUs, GPUs); None: ``$FDSEG_PRECISION``,
+        else auto. The two paths' masks differ slightly (BENCHMARKS.md, *Precision*); the plan names
+        the one in use. A matcher's own ``precision`` option (fm) overrides it for the matching.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", method: str = "fm", *,
@@ -166,7 +173,8 @@ class FewShotSegmenter:
                  cache_size: int = 0, batch_size: int = 4, loader_threads: int = 2,
                  support_augment: str | None = None, refine: str | None = None, refine_options: dict | None = None,
                  zoom: str | int | None = None, colour_refine: float | None = None,
-                 colour_options: dict | None = None, query_augment: str | None = None, ok_gate: str = "auto"):
+                 colour_options: dict | None = None, query_augment: str | None = None, ok_gate: str = "auto",
+                 precision: str | None = None):
         p = resolve(preset, dict(resize=resize, zoom=zoom, support_augment=support_augment,
                                  query_augment=query_augment, colour_refine=colour_refine,
                                  colour_options=colour_options, method_options=method_options, threshold=threshold))
@@ -189,13 +197,16 @@ class FewShotSegmenter:
             #                            the gate, is not written, so runs without a gate keep their keys)
             settings["ok_gate"] = gate.mode
         dev = torch.device(_pick_device(device))
+        path, path_why = resolve_precision(precision, dev)
+        settings["precision"] = path
         pre = Preprocess(mode=p["resize"], size=input_size, scale=tile_scale, overlap=tile_overlap,
                          antialias=antialias, zoom=1 if zoom_setting == "auto" else zoom_setting)
-        meth = create_method(method, **settings["method_options"])
+        meth = create_method(method, **_with_precision(method, settings["method_options"], path))
         extractor = None
         if getattr(meth, "uses_features", True):
             bb = create_backbone(backbone, weights=weights, **(backbone_options or {}))
-            extractor = FeatureExtractor(bb, pre, FeatureConfig(feature_stride, local_avg), dev)
+            extractor = FeatureExtractor(bb, pre, FeatureConfig(feature_stride, local_avg), dev,
+                                         amp=path == "bf16")
         if hasattr(meth, "to"):
             meth.to(dev)
         refiner = None
@@ -210,7 +221,7 @@ class FewShotSegmenter:
             colour=ColourStep(settings["colour_refine"], tuple(sorted((p["colour_options"] or {}).items()))),
             threshold=ThresholdStep(settings["threshold"]), refiner=refiner, cache=FeatureCache(cache_size),
             max_pixels=max_pixels, batch_size=max(1, int(batch_size)), loader_threads=max(1, int(loader_threads)),
-            ok_gate=gate)
+            ok_gate=gate, precision=Decision("precision", path, path_why))
         self.state: FittedState | None = None
 
     def __setstate__(self, d: dict) -> None:      # unpickled: the state's view of the (new) model's extractor
@@ -356,7 +367,7 @@ class FewShotSegmenter:
         # the inputs are readable: the previous fit's banks go now, not when this fit ends (a refit
         # would otherwise hold both: +0.4 GB at a zoomed 5-shot fit's peak)
         self.state = None
-        decisions = []
+        decisions = [m.precision] if ex is not None else []
         if ex is not None:
             zoom = m.zoom.fit(loaded_masks, pre, ex.config.stride)
             decisions.append(zoom)
@@ -641,6 +652,20 @@ def _matcher_decision(method: Method):
     name = d.get("method", getattr(method, "name", type(method).__name__))
     detail = ", ".join(f"{k} {v}" for k, v in d.items() if k != "method")
     return Decision("matcher", name, detail or "fitted")
+
+
+def _with_precision(method: str, options: dict, path: str) -> dict:
+    """The matcher's options with the segmenter's numeric path, where the method takes a ``precision``
+    and the options do not set it."""
+    from .methods.registry import method_entry
+    import inspect
+    if "precision" in options:
+        return dict(options)
+    try:
+        takes = "precision" in inspect.signature(method_entry(method).factory.__init__).parameters
+    except Exception:       # an unknown method fails in create_method with its own message
+        takes = False
+    return {**options, "precision": path} if takes else dict(options)
 
 
 def _pick_device(device: str) -> str:

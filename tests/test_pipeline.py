@@ -41,8 +41,8 @@ def test_plan_on_synthetic_supports_says_what_and_why():
     img, mask = planted(160, 160, (60, 60, 100, 100), seed=3)
     seg = FewShotSegmenter().fit(img, mask)
     plan = seg.plan
-    assert [d.step for d in plan.decisions] == ["zoom", "support views", "query views", "matcher", "colour",
-                                                "threshold"]
+    assert [d.step for d in plan.decisions] == ["precision", "zoom", "support views", "query views", "matcher",
+                                                "colour", "threshold"]
     assert plan["zoom"] == 1 and "long side 160 < 1024" in str(plan)
     assert plan["support views"] == "dihedral" and plan["query views"] == "flip"
     assert plan.threshold == seg.decision_threshold
@@ -101,7 +101,7 @@ def test_plan_on_a_zoomed_visa_support_and_a_texture_support(defects_root):
     ims, masks = _first(defects_root, VISA_SMALL)
     visa = FewShotSegmenter().fit(ims, masks).plan
     assert visa["zoom"] == 2, str(visa)
-    assert "cells < 2 and long side" in str(visa).splitlines()[0]
+    assert "cells < 2 and long side" in str(visa).splitlines()[1]        # line 0: the precision
     assert visa.preprocess.zoom == 2
     ims, masks = _first(defects_root, TEXTURE)
     tex = FewShotSegmenter().fit(ims, masks).plan
