@@ -482,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8765)
     v.add_argument("--allowed-host", action="append", default=None,
                    help="Host header names accepted when binding a non-loopback address (default: any)")
+    auth = v.add_mutually_exclusive_group()
+    auth.add_argument("--token-file", default=None, metavar="PATH",
+                      help="file holding the access token on one line: every request needs it (header "
+                           "'Authorization: Bearer TOKEN'), on any address. Default on a non-loopback --host: "
+                           "a new random token, printed once at start")
+    auth.add_argument("--no-auth", action="store_true",
+                      help="no access token on a non-loopback --host: anyone who can reach the machine can use it")
     v.add_argument("--sessions-dir", default=str(Path.home() / ".fdseg" / "sessions"),
                    help="where 'save session' writes (default ~/.fdseg/sessions; '' turns saving off)")
     v.add_argument("--method", default="fm", help="default method shown in the app (default fm)")
