@@ -20,10 +20,11 @@ from .errors import FdsegError, InputError, MissingExtraError
 from .methods import create_method, list_methods, register_method
 from .refine import create_proposer, list_proposers, refine, register_proposer
 from .segmenter import FewShotSegmenter, Prediction
+from .inspector import load
 
 __version__ = "0.1.0"
 
 __all__ = ["FdsegError", "FewShotSegmenter", "InputError", "MissingExtraError", "Prediction",
-           "__version__", "create_backbone", "create_method", "list_backbones", "list_methods",
+           "__version__", "create_backbone", "create_method", "list_backbones", "list_methods", "load",
            "register_backbone", "register_method", "create_proposer", "list_proposers", "refine",
            "register_proposer"]

@@ -172,13 +172,17 @@ def cmd_segment(a: argparse.Namespace) -> int:
     from .segment_folder import collect_queries, segment_folder
     from .segmenter import FewShotSegmenter
     _threads(a)
-    supports = [(Path(i), Path(m)) for i, m in a.support]
+    _check_inspector_args(a)
+    supports = [(Path(i), Path(m)) for i, m in a.support or []]
     if a.engine == "ray":
         res = _segment_ray(a, supports)
     else:
-        seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size,
-                               **_with_sam2(_segmenter_kwargs(a), a.method, a))
-        seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
+        if a.inspector:
+            seg = _load_inspector(a, a.device)
+        else:
+            seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size,
+                                   **_with_sam2(_segmenter_kwargs(a), a.method, a))
+            seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
         _explain(a, seg)
         queries = collect_queries(a.query)
         res = segment_folder(seg, queries, a.out, progress=not a.no_progress, resume=a.resume, supports=supports)
@@ -210,13 +214,78 @@ def _segment_ray(a: argparse.Namespace, supports: list[tuple[Path, Path]]):
     from .segmenter import FewShotSegmenter
     import_ray()                                   # a missing extra fails before any work
     gpus = a.gpus_per_actor if a.gpus_per_actor is not None else (1.0 if a.device.startswith("cuda") else 0.0)
-    # fitted on the driver's CPU and shipped; the actors move it to their own device
-    seg = FewShotSegmenter(method=a.method, **{**_segmenter_kwargs(a), "device": "cpu"})
-    seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
+    # fitted (or loaded) on the driver's CPU and shipped; the actors move it to their own device
+    if a.inspector:
+        seg = _load_inspector(a, "cpu")
+    else:
+        seg = FewShotSegmenter(method=a.method, **{**_segmenter_kwargs(a), "device": "cpu"})
+        seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
     _explain(a, seg)
     return segment_ray(seg, list_queries(a.query), a.out, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
                        gpus_per_actor=gpus, batch_size=a.ray_batch_size, resume=a.resume,
                        progress=not a.no_progress, supports=supports, address=a.ray_address)
+
+
+# -- inspector files: fit once, save, segment with the file (fdseg/inspector.py) -------------------------
+# the model options an inspector file fixes (segment --inspector refuses them); --device, --precision,
+# --threads, --batch-size and --weights (where the weights file lives here) stay the user's
+_FIXED_BY_INSPECTOR = ("method", "backbone", "preset", "size", "resize", "zoom", "tile_scale", "feature_stride",
+                       "local_avg", "support_augment", "query_augment", "threshold", "ok_gate", "colour_refine",
+                       "colour_option", "method_option", "refine", "refine_option", "fastsam_checkpoint",
+                       "sam2_checkpoint", "sam2_config", "normal")
+
+
+def _check_inspector_args(a: argparse.Namespace) -> None:
+    """segment: --inspector FILE or --support IMAGE MASK (one of them), and no option the file fixes."""
+    from .errors import InputError
+    if a.inspector and a.support:
+        raise InputError("--inspector", "give either --inspector FILE or --support IMAGE MASK, not both "
+                                        "(the file holds its fitted supports)")
+    if not a.inspector and not a.support:
+        raise InputError("--support", "need --support IMAGE MASK (repeat for K-shot) or --inspector FILE")
+    if a.inspector:
+        defaults = build_parser().parse_args(["segment", "--inspector", "x", "--query", "x", "--out", "x"])
+        given = [k for k in _FIXED_BY_INSPECTOR if getattr(a, k, None) != getattr(defaults, k, None)]
+        if given:
+            raise InputError("--inspector", f"the inspector file fixes the model: drop "
+                                            f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+
+
+def _load_inspector(a: argparse.Namespace, device: str):
+    """Load --inspector FILE; a numeric-path warning becomes one stderr line."""
+    import warnings
+    from .inspector import load
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seg = load(a.inspector, device=device, precision=a.precision, weights=a.weights,
+                   batch_size=a.batch_size)
+    for w in caught:
+        print(f"fdseg: warning: {w.message}", file=sys.stderr)
+    return seg
+
+
+def cmd_fit(a: argparse.Namespace) -> int:
+    from .segmenter import FewShotSegmenter
+    _threads(a)
+    supports = [(Path(i), Path(m)) for i, m in a.support]
+    seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size, **_with_sam2(_segmenter_kwargs(a), a.method, a))
+    seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
+    print(f"plan ({seg.settings['preset']} preset, {seg.n_supports} support{'s' * (seg.n_supports > 1)}):")
+    for line in str(seg.plan).splitlines():
+        print(f"  {line}")
+    out = seg.save(a.out, include_supports=a.include_supports, supports=supports if a.include_supports else None)
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.1f} MB{', with the support images' if a.include_supports else ''}); "
+          f"use it with: fdseg segment --inspector {out} --query ... --out ...")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .inspector import describe, describe_text
+    info = describe(a.file)
+    print(json.dumps(info, indent=1, default=lambda v: list(v) if isinstance(v, tuple) else str(v)) if a.json
+          else describe_text(info))
+    return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -389,8 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", help="segment query images from 1..K support images with masks")
-    s.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
-                   help="a support image and its defect mask (repeat for K-shot)")
+    s.add_argument("--support", nargs=2, action="append", default=None, metavar=("IMAGE", "MASK"),
+                   help="a support image and its defect mask (repeat for K-shot); or --inspector")
+    s.add_argument("--inspector", default=None, metavar="FILE",
+                   help="a fitted inspector file (fdseg fit ... --out FILE) instead of --support: its settings, "
+                        "plan and fitted state (--device, --precision, --threads, --batch-size, --weights still apply)")
     s.add_argument("--query", nargs="+", required=True, help="query image files, folders or globs")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--resume", action="store_true", help="skip queries already finished in OUT")
@@ -403,6 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     _add_ray_args(s)
     s.set_defaults(func=cmd_segment)
+
+    f = sub.add_parser("fit", help="fit on support images once and save an inspector file (segment --inspector)")
+    f.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
+                   help="a support image and its defect mask (repeat for K-shot)")
+    f.add_argument("--normal", nargs="+", default=None, metavar="DIR_OR_FILE",
+                   help="defect-free (OK) images of the same product, files or folders (fm; the OK gate from 25)")
+    f.add_argument("--out", required=True, help="the inspector file to write (e.g. line3.fdseg)")
+    f.add_argument("--include-supports", action="store_true",
+                   help="also store the support images and masks (PNG) in the file, so that a later fdseg can refit")
+    _add_model_args(f)
+    f.set_defaults(func=cmd_fit)
+
+    i = sub.add_parser("inspect", help="print what an inspector file holds (and check it)")
+    i.add_argument("file", help="an inspector file (fdseg fit --out FILE)")
+    i.add_argument("--json", action="store_true", help="as JSON")
+    i.set_defaults(func=cmd_inspect)
 
     b = sub.add_parser("bench", help="evaluate methods with the paper's episode protocol")
     b.add_argument("--data", required=True, help="dataset root (fdseg, GFDS, MVTec AD or VisA layout)")

@@ -625,6 +625,14 @@ class FewShotSegmenter:
             out["zoom_in_use"] = self.preprocess.zoom
         return out
 
+    def save(self, path: str | Path, include_supports: bool = False, *,
+             supports: Sequence[tuple[ImageLike, ImageLike]] | None = None) -> Path:
+        """Write this fitted segmenter to one inspector file (:mod:`fdseg.inspector`; ``fdseg.load(path)``
+        gives it back, predicting the same masks). ``include_supports``: also the support images and masks
+        (``supports``: the (image, mask) pairs given to fit) as PNGs, so that a later fdseg can refit."""
+        from .inspector import save
+        return save(self, path, include_supports, supports=supports)
+
     def to(self, device: str) -> "FewShotSegmenter":
         """Move the model's networks and the fitted support state to ``device`` (cpu, cuda, auto); returns self.
 
