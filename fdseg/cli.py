@@ -19,6 +19,9 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
         g.add_argument("--method", default="fm", help="matching method (default: fm; see `fdseg list`)")
     g.add_argument("--backbone", default="efficientnet_lite0", help="feature backbone (default: efficientnet_lite0)")
     g.add_argument("--weights", default=None, help="backbone weights file (default: the backbone's own)")
+    g.add_argument("--backbone-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backbone setting, repeatable (JSON values), e.g. layers=[6,9] norm=false for the DINOv2 "
+                        "backbones")
     g.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="named settings (default accurate): accurate = every accuracy rule; fast = one view of each "
                         "image, no zoom; paper = the paper's rule. The flags marked (preset) override it")
@@ -121,6 +124,8 @@ def _segmenter_kwargs(a: argparse.Namespace) -> dict:
         kw["colour_options"] = _method_options(a.colour_option, "--colour-option")
     if a.method_option:
         kw["method_options"] = _method_options(a.method_option)
+    if getattr(a, "backbone_option", None):
+        kw["backbone_options"] = _method_options(a.backbone_option, "--backbone-option")
     if a.refine and a.refine != "none":
         ro = _method_options(a.refine_option)
         if a.refine == "fastsam" and a.fastsam_checkpoint:
