@@ -7,18 +7,24 @@ per query, the margin grid, the threshold, the mask before any gate, the ground 
 scores of the normals held out of the fit (every fifth, at most 10). ``compare`` applies each gate
 rule to those records and prints the class-mean mIoU, per-dataset mIoU and false-alarm pixels:
 
-* ``image``: the OK gate as shipped (``ok_gate="median"``): a query whose defect score is not above the
-  level is judged OK, its mask emptied;
-* ``component`` (``ok_gate="auto"``, the default, at the lower quartile): every 8-connected component of
-  the mask whose peak margin (above the threshold) is not above the level is removed: a defect stronger
-  than good surface keeps its whole mask, a faint extra region does not.
+* ``image`` (``ok_gate="median"``): a query whose defect score is not above the level is judged OK, its
+  mask emptied;
+* ``component`` (the default before the soft rule): every 8-connected component of the mask whose peak
+  margin (above the threshold) is not above the level is removed: all or nothing per component;
+* ``soft`` (``ok_gate="auto"``, the default, at the Harrell-Davis lower quartile): a pixel stays where its
+  margin plus its component's peak exceeds the level: a component above the level stays whole, one under
+  half of it goes, one between keeps its core; the kept pixels move little when rounding moves a margin.
 
 Levels: the median, the lower quartile, the minimum or the maximum of the held-out normals' defect
-scores. ``compare --held K`` calibrates each episode's level on K of its held-out scores (random
-subsets, ``--draws`` of them): what a user with fewer normals gets.
+scores, or the Harrell-Davis estimate of the quartile or the median (a weighted mean of all of them).
+``compare --held K`` calibrates each episode's level on K of its held-out scores (random subsets,
+``--draws`` of them): what a user with fewer normals gets. ``pair A B`` takes the same episodes collected
+on the two numeric paths (``collect --precision fp32`` / ``bf16``) and shows how far each rule's kept
+pixels and verdicts move between them.
 
     python benchmarks/gate_replay.py collect --datasets magnetic_tile --shots 5 --out g5.pkl   # resumable
     python benchmarks/gate_replay.py compare g5.pkl [more.pkl ...] [--held 5 --draws 2]
+    python benchmarks/gate_replay.py pair g5_fp32.pkl g5_bf16.pkl
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from fdseg.data import load_mask, make_episodes, scan
 from fdseg.data.preprocess import resize_mask, upsample_scores
 from fdseg.metrics import dataset_scores, episode_counts
 from fdseg.normals import bench_pools, ok_episodes
-from fdseg.pipeline.post import OkGate
+from fdseg.pipeline.post import OkGate, harrell_davis
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -58,7 +64,7 @@ def collect(a) -> None:
     eps = make_episodes(cat, a.shots, 2) + ok_episodes(cat, a.shots, 2, ok_by)
     eps = [e for e in eps if (e.dataset, e.cls) in normals_by]
     done = pickle.loads(out.read_bytes()) if out.exists() else {"episodes": {}}
-    seg = FewShotSegmenter(ok_gate="median", cache_size=256)
+    seg = FewShotSegmenter(ok_gate="median", cache_size=256, precision=a.precision)
     held: list = []
     fit = OkGate.fit
 
@@ -92,7 +98,8 @@ def collect(a) -> None:
     _save(done, out)
 
 
-LEVELS = {"median": np.median, "quartile": lambda h: np.quantile(h, 0.25), "min": np.min, "max": np.max}
+LEVELS = {"median": np.median, "quartile": lambda h: np.quantile(h, 0.25), "min": np.min, "max": np.max,
+          "hd-quartile": lambda h: harrell_davis(h, 0.25), "hd-median": lambda h: harrell_davis(h, 0.5)}
 
 
 def gated(r: dict, rule: str, level_of) -> np.ndarray:
@@ -108,15 +115,54 @@ def gated(r: dict, rule: str, level_of) -> np.ndarray:
     lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     full = upsample_scores(torch.from_numpy(grid), tuple(r["shape"])).numpy() - r["t"]
     peaks = ndimage.maximum(full, lab, index=np.arange(1, n + 1))
+    if rule == "soft":       # a pixel stays where its margin plus its component's peak exceeds the level
+        peak = np.concatenate([[-np.inf], np.asarray(peaks)])[lab]
+        return mask & (full + peak > level)
     keep = np.concatenate([[False], np.asarray(peaks) > level])
     return keep[lab]
+
+
+def is_defective(m: np.ndarray, grid_shape: tuple[int, int]) -> bool:
+    """The verdict of :func:`fdseg.pipeline.finish.verdict`: a component of at least one grid cell."""
+    from fdseg.pipeline.finish import largest_component
+    return largest_component(m) * grid_shape[0] * grid_shape[1] >= m.size and bool(m.any())
+
+
+def pair(a) -> None:
+    """The same episodes collected on two numeric paths (``--precision fp32`` / ``bf16``): how far each
+    gate rule's masks and verdicts move between them."""
+    ra, rb = (pickle.loads(Path(p).read_bytes())["episodes"] for p in a.pair)
+    keys = sorted(set(ra) & set(rb))
+    print(f"{len(keys)} episodes in both; kept defect pixels summed over the defect queries, per path")
+    print("| rule | level | kept defect px A | kept defect px B | differ % | masks' IoU A vs B % (defect / OK) | "
+          "verdicts agree % (defect / OK) |")
+    print("|---|---|---|---|---|---|---|")
+    rows = [("none", "median")] + [(rule, lv) for rule in ("component", "soft") for lv in ("median", "hd-median", "quartile", "hd-quartile")]
+    for rule, lv in rows:
+        kept = [0, 0]
+        inter = {False: 0, True: 0}
+        union = {False: 0, True: 0}
+        agree = {False: [], True: []}
+        for k in keys:
+            ma, mb = gated(ra[k], rule, LEVELS[lv]), gated(rb[k], rule, LEVELS[lv])
+            free = bool(ra[k]["defect_free"])
+            if not free:
+                kept[0] += int(ma.sum())
+                kept[1] += int(mb.sum())
+            inter[free] += int((ma & mb).sum())
+            union[free] += int((ma | mb).sum())
+            agree[free].append(is_defective(ma, ra[k]["grid"].shape) == is_defective(mb, rb[k]["grid"].shape))
+        diff = 100 * abs(kept[0] - kept[1]) / max(kept[0], kept[1], 1)
+        print(f"| {rule} | {lv if rule != 'none' else '-'} | {kept[0]} | {kept[1]} | {diff:.2f} | "
+              f"{100 * inter[False] / max(union[False], 1):.1f} / {100 * inter[True] / max(union[True], 1):.1f} | "
+              f"{100 * np.mean(agree[False]):.1f} / {100 * np.mean(agree[True]) if agree[True] else float('nan'):.1f} |")
 
 
 def compare(a) -> None:
     recs: dict = {}
     for p in a.runs:
         recs.update(pickle.loads(Path(p).read_bytes())["episodes"])
-    rows = [("none", "median")] + [(rule, lv) for rule in ("image", "component") for lv in LEVELS]
+    rows = [("none", "median")] + [(rule, lv) for rule in ("image", "component", "soft") for lv in LEVELS]
     for draw in range(a.draws if a.held else 1):
         if a.held:
             rng = np.random.default_rng(draw)
@@ -176,13 +222,16 @@ def main(argv=None) -> None:
     c.add_argument("--max-per-class", type=int, default=None)
     c.add_argument("--eval-size", type=int, default=256)
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
     c.add_argument("--out", required=True)
     r = sub.add_parser("compare")
     r.add_argument("runs", nargs="+")
     r.add_argument("--held", type=int, default=0, help="levels from this many of each episode's held-out scores")
     r.add_argument("--draws", type=int, default=2)
+    q = sub.add_parser("pair", help="the same episodes on two numeric paths: how far each rule moves")
+    q.add_argument("pair", nargs=2)
     a = p.parse_args(argv)
-    collect(a) if a.cmd == "collect" else compare(a)
+    {"collect": collect, "compare": compare, "pair": pair}[a.cmd](a)
 
 
 if __name__ == "__main__":

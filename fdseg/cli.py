@@ -48,8 +48,9 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
     g.add_argument("--threshold", type=float, default=None, help="(preset) margin threshold (default 0 = argmax)")
     g.add_argument("--ok-gate", default="auto", choices=["auto", "median", "off"],
                    help="with defect-free images (--normal), every fifth (at most 10) is held out and predicted at "
-                        "fit time to calibrate the gate. auto (default, from 25 normals): mask components whose peak "
-                        "is not above the lower quartile of their defect scores are removed; median (from 5): a query "
+                        "fit time to calibrate the gate. auto (default, from 25 normals): a mask region no stronger than "
+                        "the lower quartile of their defect scores is removed (between half of it and it: cut to its "
+                        "core); median (from 5): a query "
                         "whose defect score is not above their median is judged OK, its mask empty (fewer false "
                         "alarms, some missed defects); off: no gate (docs/normals.md)")
     g.add_argument("--colour-refine", type=float, default=None, metavar="TAU",

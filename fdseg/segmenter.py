@@ -423,7 +423,7 @@ class FewShotSegmenter:
                                      f"defect-free image held out for the OK gate: {getattr(res, 'problem', res)}")
                 scores.append(res.defect_score)
             post.ok_level, gd = m.ok_gate.fit(scores, len(normals))
-            post.ok_components = m.ok_gate.per_component
+            post.ok_components, post.ok_soft = m.ok_gate.per_component, m.ok_gate.soft
             self.state = dataclasses.replace(self.state, plan=Plan(n, pre, tuple(decisions) + (gd,)))
         return self
 

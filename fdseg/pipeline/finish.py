@@ -8,8 +8,8 @@ it); ``is_defective`` = the final mask has an 8-connected component of at least 
 cells (default 1: a region as large as one cell of the grid the matching sees; smaller specks are
 upsampling slivers of a cell whose margin is just above the threshold). A fit given defect-free
 images has an OK gate (:class:`fdseg.pipeline.post.OkGate`) calibrated on the ones held out of the fit:
-by default every mask component whose peak margin is not above the lower quartile of their defect scores
-is removed; with ``ok_gate="median"`` a query whose ``defect_score`` is not above their median has its
+by default a mask pixel stays only where its margin plus its component's peak margin exceeds the lower
+quartile of their defect scores (a component above it stays whole, one under half of it goes); with ``ok_gate="median"`` a query whose ``defect_score`` is not above their median has its
 whole mask emptied. ``ok_gated``: the gate left no mask. See docs/normals.md for the rules measured.
 """
 from __future__ import annotations
@@ -42,22 +42,34 @@ def verdict(margin_grid: np.ndarray, mask: np.ndarray, threshold: float,
     return score, bool(cells >= min_cells and cells > 0), float(cells)
 
 
-def components(mask: np.ndarray, peak: np.ndarray | None = None, level: float | None = None
-               ) -> tuple[int, list[tuple[int, int, int, int]], np.ndarray]:
+def components(mask: np.ndarray, peak: np.ndarray | None = None, level: float | None = None,
+               soft: bool = False) -> tuple[int, list[tuple[int, int, int, int]], np.ndarray]:
     """One labelling of the 8-connected components -> (largest component's pixels, every component's
     bounding box (x0, y0, x1, y1; x1/y1 exclusive), the mask). With ``peak`` (a map of ``mask``'s shape)
-    and ``level``: the components whose largest ``peak`` is not above ``level`` are removed first."""
+    and ``level``, first: the components whose largest ``peak`` is not above ``level`` are removed, or,
+    ``soft``, a pixel stays where its own ``peak`` plus its component's largest exceeds ``level`` (a
+    component above the level stays whole, one under half of it goes, one between keeps its core)."""
     from scipy import ndimage
     if not mask.any():
         return 0, [], mask
     lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if peak is not None and level is not None:
-        keep = np.concatenate([[False], np.asarray(ndimage.maximum(peak, lab, np.arange(1, n + 1))) > level])
-        if not keep[1:].all():
-            lab = np.where(keep[lab], lab, 0)
-            mask = lab > 0
-            if not mask.any():
-                return 0, [], mask
+        peaks = np.asarray(ndimage.maximum(peak, lab, np.arange(1, n + 1)))
+        if soft:
+            if not (peaks > level).all():
+                kept = mask & (peak + np.concatenate([[-np.inf], peaks])[lab] > level)
+                if not np.array_equal(kept, mask):
+                    mask = kept
+                    if not mask.any():
+                        return 0, [], mask
+                    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+        else:
+            keep = np.concatenate([[False], peaks > level])
+            if not keep[1:].all():
+                lab = np.where(keep[lab], lab, 0)
+                mask = lab > 0
+                if not mask.any():
+                    return 0, [], mask
     boxes = [(int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop))
              for sl in ndimage.find_objects(lab) if sl is not None]
     return int(np.bincount(lab.ravel())[1:].max()), boxes, mask
@@ -163,7 +175,7 @@ def finish(margin: torch.Tensor, size: tuple[int, int], post: Post, temperature:
         ys, xs = box
         peak = (full[ys, xs] - t).cpu().numpy() if level is not None and post.ok_components else None
         sub = mask[ys, xs]
-        largest, boxes, kept_sub = components(sub, peak, level)   # the auto gate: weak components removed
+        largest, boxes, kept_sub = components(sub, peak, level, post.ok_soft)   # the auto gate
         boxes = [(x0 + xs.start, y0 + ys.start, x1 + xs.start, y1 + ys.start) for x0, y0, x1, y1 in boxes]
         if kept_sub is not sub:
             kept = np.zeros_like(mask)
