@@ -35,6 +35,18 @@ def _images(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_file() and is_image_file(p)), key=lambda p: p.name)
 
 
+def _class_normals(c: Path) -> list[Path]:
+    """The defect-free images of a class folder: its ``normals/`` or ``good/`` folder (a dataset class laid
+    out as ``images/ + masks/ + normals/``), else its ``images/`` when it has no ``masks/`` beside them
+    (then they are defect-free), else the images in the folder itself."""
+    for sub in ("normals", "good"):
+        if (c / sub).is_dir():
+            return _images(c / sub)
+    if (c / "images").is_dir():
+        return [] if (c / "masks").is_dir() else _images(c / "images")
+    return _images(c)
+
+
 def group_matches(group: str, dataset: str, cls: str) -> bool:
     """Whether normals group ``group`` (``DATASET``, ``DATASET/CLASS`` or ``DATASET_PREFIX``) holds
     defect-free images of class ``cls`` of ``dataset``; the empty group matches every class."""
@@ -64,7 +76,7 @@ class NormalPool:
             if _images(ds):
                 groups[ds.name] = _images(ds)
             for c in sorted(p for p in ds.iterdir() if p.is_dir()):
-                imgs = _images(c / "images") if (c / "images").is_dir() else _images(c)
+                imgs = _class_normals(c)
                 if imgs:
                     groups[f"{ds.name}/{c.name}"] = imgs
         if not groups:
