@@ -370,8 +370,21 @@ def cmd_datasets(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from .errors import InputError
+    if a.inspector:
+        # a fitted inspector -> one graph: image in, margin grid / mask out (docs/onnx-inspector.md)
+        if a.backbone is not None:
+            raise InputError("--backbone", "the inspector file fixes the backbone; give --inspector or --backbone")
+        from .export_inspector import export_inspector
+        out = export_inspector(a.inspector, a.out, prune=not a.exact_margins, opset=a.opset, weights=a.weights)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): image (uint8 1x3xHxW RGB) -> margin, margin_map, "
+              f"mask, defect_score; run it with onnxruntime (docs/onnx-inspector.md)")
+        return 0
+    if a.exact_margins:
+        raise InputError("--exact-margins", "applies to --inspector only")
     from .export import export_onnx
-    out = export_onnx(a.backbone, a.out, weights=a.weights, opset=a.opset)
+    backbone = a.backbone or "efficientnet_lite0"
+    out = export_onnx(backbone, a.out, weights=a.weights, opset=a.opset)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); use it with --backbone onnx --weights {out}")
     return 0
 
@@ -564,9 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_datasets)
 
-    e = sub.add_parser("export", help="export a backbone to ONNX (run it with --backbone onnx --weights F)")
-    e.add_argument("--backbone", default="efficientnet_lite0")
-    e.add_argument("--weights", default=None, help="backbone weights (default: the backbone's own)")
+    e = sub.add_parser("export", help="export a backbone to ONNX (run it with --backbone onnx --weights F), or a "
+                                      "fitted inspector file to one ONNX graph (--inspector)")
+    e.add_argument("--backbone", default=None, help="backbone to export (default efficientnet_lite0)")
+    e.add_argument("--inspector", default=None, metavar="FILE",
+                   help="a fitted inspector (.fdseg): export its whole predict as one graph, image in -> margin "
+                        "grid, margin map, mask, defect score out (docs/onnx-inspector.md)")
+    e.add_argument("--exact-margins", action="store_true",
+                   help="with --inspector: match every grid cell exactly (slower); by default only the cells the "
+                        "mask and the defect score depend on are, the others keep upper bounds (as predict does)")
+    e.add_argument("--weights", default=None, help="backbone weights (default: the backbone's own); with "
+                                                   "--inspector: where its weights file is on this machine")
     e.add_argument("--format", default="onnx", choices=["onnx"])
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--out", required=True, help="output .onnx file")
