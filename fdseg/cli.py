@@ -228,6 +228,7 @@ def _segment_ray(a: argparse.Namespace, supports: list[tuple[Path, Path]]):
         seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
     _explain(a, seg)
     return segment_ray(seg, list_queries(a.query), a.out, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
+                       inspector=Path(a.inspector).read_bytes() if a.inspector else None,
                        gpus_per_actor=gpus, batch_size=a.ray_batch_size, resume=a.resume,
                        progress=not a.no_progress, supports=supports, address=a.ray_address)
 

@@ -1,10 +1,15 @@
 """Segment an image store on a Ray cluster with Ray Data (``fdseg segment --engine ray``).
 
-The driver fits the segmenter once, as the local path does, and ``ray.put``s the fitted
-object (backbone weights and the support feature banks, ~21 MB for EfficientNet-Lite0 with
-one support): every actor of a ``map_batches`` actor pool gets that one object, so the
-supports, the weights file and the backbone package's weights need not exist on the
-workers, nothing is refitted, and each actor holds exactly the driver's fitted state.
+The driver fits the segmenter once, as the local path does (or loads an inspector file), and
+``ray.put``s the fitted state as an **inspector file's bytes** (fdseg/inspector.py: tensors plus
+JSON, hash-checked, no pickle; ~2-25 MB) plus, where the backbone was built from a user's
+``--weights`` file, that file's bytes: every actor of a ``map_batches`` actor pool gets them once and
+loads them (``fdseg.load``), so the supports and a user's weights file need not exist on the workers,
+nothing is refitted, and each actor predicts exactly what the driver's fit does (masks identical).
+The workers need fdseg and the backbone's package (e.g. the EfficientNet-Lite0 weights package
+fdseg depends on); the file's recorded weights hash is checked there. A matcher that cannot be saved
+to an inspector (one holding networks: ``meta``, ``sam2_track``, ``fm_prompt``) is shipped as the
+pickled segmenter object instead, as before.
 Queries are read as bytes by ``ray.data.read_binary_files`` (local paths on a filesystem
 the workers share, or any pyarrow filesystem: ``s3://``, ``gs://``, ``hdfs://``), decoded
 and segmented in the actors by :func:`fdseg.segment_folder.segment_one` -- the same code
@@ -168,6 +173,45 @@ class RowLog:
             self._file = None
 
 
+# -- what the driver ships ---------------------------------------------------------------------------
+def ship_payload(seg: FewShotSegmenter, inspector: bytes | None = None) -> dict:
+    """What goes to every actor: the fitted state as an inspector file's bytes (``inspector``: a file's
+    bytes as given; else ``seg`` saved), plus the bytes of a user's ``--weights`` file; or, for a matcher
+    an inspector cannot hold, the segmenter object itself (``{"seg": ...}``)."""
+    from .errors import InputError as _InputError
+    if inspector is None:
+        with tempfile.TemporaryDirectory(prefix="fdseg-ship-") as tmp:
+            try:
+                seg.save(Path(tmp) / "fitted.fdseg")
+            except _InputError as e:
+                if "cannot be saved" not in str(e):
+                    raise
+                return {"seg": seg if seg.device.type == "cpu" else copy.deepcopy(seg).to("cpu")}
+            inspector = (Path(tmp) / "fitted.fdseg").read_bytes()
+    out = {"inspector": inspector}
+    w = seg.settings.get("weights")
+    if w and w != "random" and Path(w).is_file():
+        out["weights"] = Path(w).read_bytes()
+        out["weights_suffix"] = Path(w).suffix
+    return out
+
+
+def load_shipped(payload: dict, device: str = "cpu"):
+    """An actor's segmenter from :func:`ship_payload`'s inspector bytes (and weights bytes)."""
+    from .inspector import load
+    with tempfile.TemporaryDirectory(prefix="fdseg-actor-") as tmp:
+        path = Path(tmp) / "fitted.fdseg"
+        path.write_bytes(payload["inspector"])
+        weights = None
+        if "weights" in payload:
+            weights = Path(tmp) / f"weights{payload.get('weights_suffix', '')}"
+            weights.write_bytes(payload["weights"])
+        import warnings
+        with warnings.catch_warnings():          # the driver warned about a numeric-path change already
+            warnings.simplefilter("ignore")
+            return load(path, device=device, weights=weights)
+
+
 # -- the actors ------------------------------------------------------------------------------------
 class SegmentActor:
     """A Ray Data actor: unpacks the shipped fitted segmenter once, then segments batches of
@@ -178,9 +222,12 @@ class SegmentActor:
         import torch
         torch.set_num_threads(max(1, int(threads)))
         payload = ray.get(shipped[0])
-        self.seg: FewShotSegmenter = payload["seg"]
-        if device != "cpu":
-            self.seg.to(device)
+        if "inspector" in payload:
+            self.seg = load_shipped(payload, device)
+        else:                                                # a matcher an inspector cannot hold
+            self.seg: FewShotSegmenter = payload["seg"]
+            if device != "cpu":
+                self.seg.to(device)
         self.names: dict[str, str] = payload["names"]      # Ray path -> output name, where not the stem
         self.store = OutputStore(store)
 
@@ -256,10 +303,11 @@ def segment_ray(seg: FewShotSegmenter, queries: Iterable[str | Path] | QueryList
                 actors: int | None = None, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                 batch_size: int = 8, resume: bool = False, progress: bool = True,
                 supports: list[tuple[Path, Path]] | None = None, address: str | None = None,
-                ray_init: dict | None = None, report_limit: int = 2000) -> RayResult:
+                ray_init: dict | None = None, report_limit: int = 2000, inspector: bytes | None = None) -> RayResult:
     """Segment ``queries`` with a pool of Ray actors; results as :func:`fdseg.segment_folder.segment_folder`.
 
-    seg: a fitted segmenter (shipped once to every actor).
+    seg: a fitted segmenter (shipped once to every actor, as an inspector file's bytes).
+    inspector: the bytes of the inspector file ``seg`` was loaded from (shipped as they are).
     queries: files / folders / globs (local, on a filesystem the workers share, or ``s3://``,
         ``gs://``, ... URIs), or a :class:`QueryList`.
     out: output folder or URI. actors: pool size (default: the cluster's CPUs / ``cpus_per_actor``,
@@ -295,9 +343,8 @@ def segment_ray(seg: FewShotSegmenter, queries: Iterable[str | Path] | QueryList
                 actors = max(1, int(have))
             n_actors = max(1, min(int(actors), math.ceil(len(todo) / batch_size)))
             device = "cuda" if gpus_per_actor > 0 else "cpu"
-            ship = seg if seg.device.type == "cpu" else copy.deepcopy(seg).to("cpu")
             renamed = {p: n for p, (n, _) in by_read.items() if n != PurePosixPath(p).stem}
-            shipped = ray.put({"seg": ship, "names": renamed})
+            shipped = ray.put({**ship_payload(seg, inspector), "names": renamed})
             ray.data.DataContext.get_current().enable_progress_bars = False    # ours is the tqdm bar below
             ds = ray.data.read_binary_files(todo, include_paths=True, filesystem=ql.filesystem,
                                             override_num_blocks=max(1, math.ceil(len(todo) / batch_size)),

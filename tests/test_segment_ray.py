@@ -104,6 +104,33 @@ def test_ray_cli_matches_local_path_image_for_image(ray_local, defects_root, sup
 
 @pytest.mark.data
 @pytest.mark.slow
+def test_ray_with_an_inspector_ships_its_bytes_and_matches_the_local_path(ray_local, defects_root, support,
+                                                                          tmp_path, one_thread, monkeypatch):
+    """`fdseg fit --out F` then `segment --engine ray --inspector F`: the actors get the file's bytes (no
+    pickled segmenter) and write the masks `segment --support` writes locally, byte for byte."""
+    from fdseg import segment_ray as sr
+    q = tmp_path / "queries"
+    q.mkdir()
+    for p in _images(defects_root, SCRATCHES, 3, skip=1):
+        shutil.copy(p, q / p.name)
+    insp = tmp_path / "line.fdseg"
+    assert main(["fit", "--support", str(support[0]), str(support[1]), "--preset", "fast", "--out", str(insp)]) == 0
+    shipped = []
+    real = sr.ship_payload
+    monkeypatch.setattr(sr, "ship_payload", lambda seg, inspector=None: shipped.append(real(seg, inspector))
+                        or shipped[-1])
+    assert main(["segment", "--inspector", str(insp), "--query", str(q), "--out", str(tmp_path / "ray"),
+                 "--engine", "ray", "--no-progress"]) == 0
+    assert list(shipped[0]) == ["inspector"] and shipped[0]["inspector"] == insp.read_bytes()
+    assert main(["segment", "--support", str(support[0]), str(support[1]), "--preset", "fast", "--query", str(q),
+                 "--out", str(tmp_path / "local"), "--no-progress"]) == 0
+    local, ray_out = _files(tmp_path / "local"), _files(tmp_path / "ray")
+    masks = sorted(k for k in local if k.startswith("masks/"))
+    assert len(masks) == 3 and all(local[k] == ray_out[k] for k in masks)
+
+
+@pytest.mark.data
+@pytest.mark.slow
 def test_ray_interrupted_run_resumes_without_recomputing(ray_local, defects_root, support, tmp_path, monkeypatch):
     from fdseg import segment_ray as sr
     seg = _fitted(support)
@@ -165,6 +192,27 @@ def test_ray_reads_and_writes_through_pyarrow_filesystems(ray_local, defects_roo
 
 
 # -- no Ray needed -----------------------------------------------------------------------------------
+def test_the_shipped_payload_is_an_inspector_file_and_loads_to_the_same_predictions(demo, tmp_path):
+    """What the driver ships to the actors: inspector bytes (and a user weights file's bytes), not a pickle;
+    what an actor loads from them predicts what the driver's fit does."""
+    from fdseg.backbones import create_backbone
+    from fdseg.segment_ray import load_shipped, ship_payload
+    (s_img, s_mask), (q, _) = demo.supports[0], demo.queries[0]
+    seg = fdseg.FewShotSegmenter(preset="fast").fit([s_img], [s_mask])
+    payload = ship_payload(seg)
+    assert list(payload) == ["inspector"] and payload["inspector"][8:9] == b"{"      # safetensors header
+    actor = load_shipped(payload)
+    assert np.array_equal(actor.predict(q).mask, seg.predict(q).mask)
+    # a backbone built from a user's weights file: the file's bytes travel too (the workers need not have it)
+    w = tmp_path / "lite0.pth"
+    torch.save(create_backbone("efficientnet_lite0").state_dict(), w)
+    seg_w = fdseg.FewShotSegmenter(preset="fast", weights=w).fit([s_img], [s_mask])
+    payload = ship_payload(seg_w)
+    assert payload["weights"] == w.read_bytes() and payload["weights_suffix"] == ".pth"
+    w.unlink()
+    assert np.array_equal(load_shipped(payload).predict(q).mask, seg_w.predict(q).mask)
+
+
 def test_core_never_imports_ray():
     code = ("import sys, fdseg, fdseg.cli, fdseg.segment_ray, fdseg.store; "
             "fdseg.cli.build_parser().parse_args(['segment', '--support', 'a', 'b', '--query', 'q', '--out', 'o', "
