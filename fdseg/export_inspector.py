@@ -299,16 +299,8 @@ def input_size(pre, stride: int, h, w):
 def _combine(maps, grid, local_avg: int):
     """fdseg.features.combine_layers for a traced grid: every map resized to it (combine_layers skips a
     map already of the grid's size; a bilinear resize to its own size is the identity)."""
-    import torch
-    import torch.nn.functional as F
-    outs = []
-    for m in maps:
-        m = m.float()
-        if local_avg > 1:
-            m = F.avg_pool2d(m, local_avg, stride=1, padding=local_avg // 2, count_include_pad=False)
-        m = F.normalize(m, dim=1)
-        outs.append(F.interpolate(m, size=grid, mode="bilinear", align_corners=False))
-    return F.normalize(torch.cat(outs, 1), dim=1)
+    from .features import combine_layers
+    return combine_layers(maps, grid, local_avg, resize_all=True)
 
 
 def _box_mean(x, k, n, axis: int):

@@ -31,15 +31,17 @@ class FeatureConfig:
             raise InputError("--local-avg", f"must be an odd number >= 1, got {self.local_avg}")
 
 
-def combine_layers(maps: list[torch.Tensor], grid: tuple[int, int], local_avg: int = 1) -> torch.Tensor:
-    """B x C_i x h_i x w_i maps -> B x sum(C_i) x gh x gw unit-norm features."""
+def combine_layers(maps: list[torch.Tensor], grid: tuple[int, int], local_avg: int = 1,
+                   resize_all: bool = False) -> torch.Tensor:
+    """B x C_i x h_i x w_i maps -> B x sum(C_i) x gh x gw unit-norm features. ``resize_all``: resize every
+    map, also one already of the grid's size (the identity: for a graph traced with a symbolic grid)."""
     outs = []
     for m in maps:
         m = m.float()
         if local_avg > 1:
             m = F.avg_pool2d(m, local_avg, stride=1, padding=local_avg // 2, count_include_pad=False)
         m = F.normalize(m, dim=1)
-        if tuple(m.shape[-2:]) != tuple(grid):
+        if resize_all or tuple(m.shape[-2:]) != tuple(grid):
             m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
         outs.append(m)
     return F.normalize(torch.cat(outs, 1), dim=1)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .errors import FdsegError, InputError
+from .filehash import file_sha256
 
 FORMAT = "fdseg-inspector"
 FORMAT_VERSION = 1                 # a reader refuses newer versions and reads the older ones it knows
@@ -468,20 +469,6 @@ def weights_file(backbone: str, weights: str | None) -> tuple[Path | None, str]:
     return fn(), "the backbone's default weights"
 
 
-_SHA: dict[tuple, str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file (remembered per path, size and modification time within the process)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA[key] = h.hexdigest()
-    return _SHA[key]
 
 
 def _backbone_record(settings: dict) -> dict:
@@ -813,6 +800,23 @@ class _SupportsSection:
     @staticmethod
     def from_record(rec, ctx):      # read on demand (Inspector.supports()); nothing to rebuild
         return None
+
+
+@register_section("types")
+class _TypesSection:
+    """Several defect types (:mod:`fdseg.multitype`): the type names, the rule, and the fits of the types
+    after the first (the first type's fit is the plan / method / colour / post sections above), each
+    written by those sections' encoders with its tensors under ``types.N.``. A FewShotSegmenter writes none."""
+
+    @staticmethod
+    def to_record(seg, tensors, ctx):
+        from .multitype import types_record
+        return types_record(seg, tensors, ctx)
+
+    @staticmethod
+    def from_record(rec, ctx):
+        from .multitype import types_from_record
+        types_from_record(rec, ctx)
 
 
 # the FittedState fields this version saves (a new field must get its section before it can be saved)

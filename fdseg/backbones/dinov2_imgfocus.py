@@ -37,7 +37,6 @@ included (16 x 16). Input normalisation: ImageNet mean / std.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Backbone
+from ..filehash import file_sha256
 from .registry import register_backbone
 from ..errors import InputError, MissingExtraError
 
@@ -207,20 +207,6 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "fdseg"
 
 
-_SHA_MEMO: dict[tuple, str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks (memoised per path, size and mtime within the process)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_MEMO[key] = h.hexdigest()
-    return _SHA_MEMO[key]
 
 
 def cache_path(sha256: str) -> Path:
