@@ -444,10 +444,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
                       weights=weights, sessions_dir=None if a.sessions_dir == "" else Path(a.sessions_dir),
                       defaults=Settings(method=a.method, backbone=a.backbone, threshold=a.threshold, size=a.size,
                                         resize=a.resize, preset=a.preset), token=token)
+    say = lambda msg: print(f"fdseg serve: {msg}", file=sys.stderr)  # noqa: E731
+    if a.inspector:     # loaded before the server starts: a bad file stops here with one line (exit 2)
+        from .serve import _need_extra
+        from .serve.engine import open_inspector
+        _need_extra()
+        for f in a.inspector:
+            s = open_inspector(Path(f), cfg, pinned=True)
+            cfg.inspectors.append(s)
+            i = s.inspector
+            say(f"inspector {i['file']} ready ({i['preset']} preset, {i['supports']} support"
+                f"{'s' * (i['supports'] != 1)}, fitted on {i['precision']}): session {s.id}")
+            if s.precision_note:
+                say(f"warning: {i['file']}: {s.precision_note}")
     hosts = None if loopback else (a.allowed_host or ["*"])
     shown = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
     url = f"http://{f'[{shown}]' if ':' in shown else shown}:{a.port}/"
-    say = lambda msg: print(f"fdseg serve: {msg}", file=sys.stderr)  # noqa: E731
     elsewhere = (" (from other machines: this machine's name or address instead of 127.0.0.1)"
                  if a.host in ("0.0.0.0", "::") else "")
     if generated:       # the one place the token is shown: this terminal, once
@@ -605,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "a new random token, printed once at start")
     auth.add_argument("--no-auth", action="store_true",
                       help="no access token on a non-loopback --host: anyone who can reach the machine can use it")
+    v.add_argument("--inspector", action="append", default=None, metavar="FILE",
+                   help="an inspector file (fdseg fit ... --out FILE) to offer as a ready session: the page opens "
+                        "it with no supports needed (repeatable; a bad file stops the start with one line)")
     v.add_argument("--sessions-dir", default=str(Path.home() / ".fdseg" / "sessions"),
                    help="where 'save session' writes (default ~/.fdseg/sessions; '' turns saving off)")
     v.add_argument("--method", default="fm", help="default method shown in the app (default fm)")

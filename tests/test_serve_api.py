@@ -656,3 +656,232 @@ def test_the_result_counts_agree_with_the_verdict_on_real_images(demo):
             assert (res["regions"] > 0) == (res["verdict"] == "defective"), res
             assert res["regions"] + res["specks"] == res["components"] == len(res["component_cells"])
             assert res["largest_cells"] == pytest.approx(max(res["component_cells"], default=0), abs=1e-3)
+
+
+# -- inspector files: download a session's fit, open one, --inspector at start -----------------------------
+
+@pytest.fixture(scope="module")
+def small_inspector(demo, tmp_path_factory) -> Path:
+    """A fitted inspector file (fast preset, 96 px, one demo support, its image included)."""
+    path = tmp_path_factory.mktemp("inspector") / "small.fdseg"
+    seg = fdseg.FewShotSegmenter(preset="fast", input_size=96).fit([demo.supports[0][0]], [demo.supports[0][1]])
+    seg.save(path, include_supports=True, supports=[demo.supports[0]])
+    return path
+
+
+def _bad_upload(r, name, status=400, *words):
+    """One line naming the upload (never the server's temporary file), no traceback."""
+    assert r.status_code == status, (name, r.status_code, r.text)
+    body = r.json()
+    assert body["source"] == name or body["source"].startswith(f"inspector 1 ({name})"), body
+    assert body["error"].startswith(body["source"] + ": ") and "\n" not in body["error"], body
+    for bad in ("fdseg-serve-", "upload.fdseg", "/tmp", "Traceback", 'File "'):
+        assert bad not in r.text, (bad, r.text)
+    for w in words:
+        assert w in body["error"], (w, body)
+    return body["error"]
+
+
+def test_inspector_download_and_upload_give_the_same_masks(client, pairs, monkeypatch, tmp_path):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))       # every temporary file the server names
+    left = lambda: [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor")]  # noqa: E731
+    (s1, m1), (s2, m2), (q, _) = pairs[:3]
+    # support names as sent (one the file system refuses: 300 bytes) are kept in the file where they can be
+    long = "日" * 100
+    r = client.post("/v1/sessions", files=[_file("support", s1, "mask.png"), _file("mask", m1),
+                                           _file("support", s2, long), _file("mask", m2)],
+                    data={"preset": "fast", "size": "96"})
+    assert r.status_code == 201, r.text
+    first = r.json()
+    names = ["mask.png", f"support_2{s2.suffix}"]
+    assert first["source"] == "fit" and first["inspector"] is None and first["precision_note"] is None
+    seg_q = lambda sid: client.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)],  # noqa: E731
+                                    data={"overlay": "1"})
+    before = seg_q(first["id"]).json()["results"]
+
+    r = client.get(f"/v1/sessions/{first['id']}/inspector")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["content-disposition"] == f'attachment; filename="{first["id"]}.fdseg"'
+    assert int(r.headers["content-length"]) == len(r.content) > 1000
+    assert left() == []                                          # the temporary file is gone
+    saved = tmp_path.parent / "line 3.fdseg"
+    saved.write_bytes(r.content)
+    insp = fdseg.inspector.read(saved)
+    assert insp.has_supports and [n for n, _, _ in insp.supports()] == names
+    assert (insp.supports()[0][2] == (np.array(Image.open(m1)) > 0)).all()
+    assert (insp.supports()[0][1] == np.array(Image.open(s1).convert("RGB"))).all()
+    lib = fdseg.load(saved).predict(q)                           # the library reads it: the same mask
+    assert (lib.mask == _mask_of(before[0])).all()
+
+    r = client.post("/v1/inspectors", files=[("inspector", ("line 3.fdseg", r.content))])
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert left() == []                                          # the upload is not kept
+    assert info["id"] != first["id"] and info["source"] == "inspector" and info["title"] == "line 3"
+    # the same settings (the resize mode as the preset resolved it) and plan
+    assert info["settings"] == {**first["settings"], "resize": "auto"} and info["plan"] == first["plan"]
+    i = info["inspector"]
+    assert i["file"] == "line 3.fdseg" and i["preset"] == "fast" and i["supports"] == 2 and i["supports_included"]
+    assert i["precision"] == i["precision_here"] and info["precision_note"] is None
+    assert [s["name"] for s in info["supports"]] == names and not info["pinned"]
+    assert client.get(f"/v1/sessions/{info['id']}").json()["id"] == info["id"]
+    after = seg_q(info["id"]).json()["results"]
+    assert after == before                                       # every field, the mask and overlay bytes too
+    assert after[0]["mask"]["data"] == before[0]["mask"]["data"]
+    # its supports are served as a fitted session's; its own download is named after it and holds them
+    sm = np.array(Image.open(io.BytesIO(client.get(f"/v1/sessions/{info['id']}/supports/2/mask").content))) > 0
+    assert (sm == (np.array(Image.open(m2)) > 0)).all()
+    r = client.get(f"/v1/sessions/{info['id']}/inspector")
+    assert r.status_code == 200 and 'filename="line_3.fdseg"' in r.headers["content-disposition"]
+    again = tmp_path.parent / "again.fdseg"
+    again.write_bytes(r.content)
+    assert fdseg.inspector.read(again).has_supports
+    assert client.get("/v1/inspectors").json() == {"inspectors": []}       # none loaded at start here
+    assert client.delete(f"/v1/sessions/{info['id']}").status_code == 200  # an opened one can be dropped
+
+
+def test_bad_inspector_uploads_get_400_naming_the_upload(client, small_inspector, demo, pairs):
+    import struct
+    good = small_inspector.read_bytes()
+    post = lambda name, data: client.post("/v1/inspectors", files=[("inspector", (name, data))])  # noqa: E731
+    n = struct.unpack("<Q", good[:8])[0]
+    header = json.loads(good[8:8 + n])
+
+    def with_header(h):
+        hb = json.dumps(h).encode()
+        hb += b" " * ((-len(hb)) % 8)
+        return struct.pack("<Q", len(hb)) + hb + good[8 + n:]
+    newer = json.loads(json.dumps(header))
+    newer["__metadata__"]["format_version"] = "2"
+    plain = {k: v for k, v in header.items() if k != "__metadata__"}
+    flipped = bytearray(good)
+    flipped[-100] ^= 0xFF
+    flipped_header = bytearray(good)
+    flipped_header[8 + n // 2] ^= 0x01
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("data.pkl", b"\x80\x04N.")
+    cases = [("truncated.fdseg", good[:len(good) // 2], "truncated"),
+             ("cut.fdseg", good[:-1], ""),
+             ("flipped.fdseg", bytes(flipped), "content hash mismatch"),
+             ("header.fdseg", bytes(flipped_header), ""),
+             ("mask.png", demo.supports[0][1].read_bytes(), "not an inspector file: it is a PNG image"),
+             ("empty.fdseg", b"", "it is empty"),
+             ("model.pt", zbuf.getvalue(), "zip archive"),
+             ("newer.fdseg", with_header(newer), "made by a newer fdseg: format 2 > 1"),
+             ("plain.safetensors", with_header(plain), "without fdseg's metadata"),
+             ("tiny.fdseg", b"abc", "fewer than the 8-byte header length"),
+             ("huge-header.fdseg", struct.pack("<Q", 2**40) + b"{" * 16, "over the 64 MiB limit")]
+    for name, data, words in cases:
+        _bad_upload(post(name, data), name, 400, *([words] if words else []))
+    # not one file in the field 'inspector'
+    _err(client.post("/v1/inspectors", files=[_file("query", pairs[1][0])]), 400, "unexpected file field")
+    _err(client.post("/v1/inspectors", data={"inspector": "line3.fdseg"}), 400, "expected a file upload")
+    _err(client.post("/v1/inspectors", files=[("inspector", ("a.fdseg", good)), ("inspector", ("b.fdseg", good))]),
+         400)
+    _err(client.post("/v1/inspectors", json={"inspector": "x"}), 415)
+    # over the server's per-file limit: 413 before anything is written or loaded
+    with _client(max_file_bytes=len(good) - 1) as c:
+        _bad_upload(c.post("/v1/inspectors", files=[("inspector", ("line3.fdseg", good))]), "line3.fdseg", 413,
+                    f"{len(good) - 1:,} bytes per file")
+        assert c.post("/v1/inspectors", files=[("inspector", ("ok.fdseg", good[:100]))]).status_code == 400
+    assert post("fine.fdseg", good).status_code == 201         # and the server still serves
+    assert client.get("/v1/health").json()["status"] == "ok"
+
+
+def test_an_inspector_from_another_numeric_path_loads_with_a_note(client, small_inspector, pairs, monkeypatch):
+    recorded = fdseg.inspector.read(small_inspector).doc["precision"]
+    other = "fp32" if recorded == "bf16" else "bf16"
+    monkeypatch.setenv("FDSEG_PRECISION", other)
+    r = client.post("/v1/inspectors", files=[("inspector", ("lab.fdseg", small_inspector.read_bytes()))])
+    assert r.status_code == 201, r.text
+    info = r.json()
+    note = info["precision_note"]
+    assert note and f"fitted on the {recorded} numeric path, loaded on {other}" in note and "masks may differ" in note
+    assert "fdseg-serve-" not in note and "/" not in note.split("(")[0]
+    assert info["inspector"]["precision"] == recorded and info["inspector"]["precision_here"] == other
+    assert client.get(f"/v1/sessions/{info['id']}").json()["precision_note"] == note
+    r = client.post(f"/v1/sessions/{info['id']}/segment", files=[_file("query", pairs[1][0])])
+    assert r.status_code == 200 and r.json()["results"][0]["verdict"] in ("defective", "ok")
+
+
+def test_inspector_routes_need_the_token(token_client, small_inspector, monkeypatch):
+    from fdseg.serve.engine import Engine
+    c, data = token_client, small_inspector.read_bytes()
+    calls = []
+    real = Engine.open_upload
+    monkeypatch.setattr(Engine, "open_upload", lambda self, up: calls.append(up.name) or real(self, up))
+    files = [("inspector", ("line3.fdseg", data))]
+    _unauthorized(c.post("/v1/inspectors", files=files))
+    _unauthorized(c.post("/v1/inspectors", files=files, headers={"Authorization": "Bearer nope"}))
+    _unauthorized(c.get("/v1/inspectors"))
+    _unauthorized(c.get("/v1/sessions/0123456789abcdef/inspector"))
+    assert calls == []                                           # nothing read or loaded
+    r = c.post("/v1/inspectors", files=files, headers=AUTH)
+    assert r.status_code == 201 and calls == ["line3.fdseg"]
+    sid = r.json()["id"]
+    _unauthorized(c.get(f"/v1/sessions/{sid}/inspector"))
+    r = c.get(f"/v1/sessions/{sid}/inspector", headers=AUTH)
+    assert r.status_code == 200 and r.content[:8] == data[:8] and 'filename="line3.fdseg"' in \
+        r.headers["content-disposition"]
+
+
+def test_cli_serve_inspector_loads_before_the_server_starts(monkeypatch, tmp_path, capsys, small_inspector, pairs):
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    import fdseg.serve as fserve
+    from fdseg.cli import main
+    from fdseg.serve.engine import Session
+    got = {}
+    monkeypatch.setattr(fserve, "serve", lambda cfg, **kw: got.update(cfg=cfg, **kw))
+
+    def run(*args):
+        got.clear()
+        code = main(["serve", "--sessions-dir", "", "--max-sessions", "1", *args])
+        return code, capsys.readouterr().err
+    # a bad file: one line naming it, exit 2, no server started
+    missing = tmp_path / "missing.fdseg"
+    code, err = run("--inspector", str(missing))
+    assert code == 2 and not got and err.count("\n") == 1 and f"{missing}: inspector file does not exist" in err
+    png = tmp_path / "mask.fdseg"
+    png.write_bytes(pairs[0][1].read_bytes())
+    good = tmp_path / "line3.fdseg"
+    shutil.copy(small_inspector, good)
+    code, err = run("--inspector", str(good), "--inspector", str(png))
+    assert code == 2 and not got and err.strip().splitlines()[-1].startswith(f"fdseg: error: {png}: not an inspector")
+    # good files: ready sessions at start, named after their files
+    code, err = run("--inspector", str(good))
+    assert code == 0 and got["cfg"].inspectors and isinstance(got["cfg"].inspectors[0], Session)
+    precision = fdseg.inspector.read(good).doc["precision"]
+    assert f"inspector line3.fdseg ready (fast preset, 1 support, fitted on {precision})" in err
+    with TestClient(create_app(got["cfg"]), base_url="http://127.0.0.1") as c:
+        ready = c.get("/v1/inspectors").json()["inspectors"]
+        assert len(ready) == 1 and ready[0]["title"] == "line3" and ready[0]["pinned"]
+        sid = ready[0]["id"]
+        assert ready[0]["inspector"]["file"] == "line3.fdseg" and ready[0]["supports"][0]["name"] == \
+            pairs[0][0].name
+        r = c.post(f"/v1/sessions/{sid}/segment", files=[_file("query", pairs[1][0])], data={"mask_format": "png"})
+        assert r.status_code == 200, r.text
+        assert (_mask_of(r.json()["results"][0]) == fdseg.load(good).predict(pairs[1][0]).mask).all()
+        assert 'filename="line3.fdseg"' in c.get(f"/v1/sessions/{sid}/inspector").headers["content-disposition"]
+        _err(c.delete(f"/v1/sessions/{sid}"), 409, "--inspector")
+        # kept for the server's life: newer sessions (max 1 here) replace each other, not it
+        ids = [c.post("/v1/inspectors", files=[("inspector", ("x.fdseg", good.read_bytes()))]).json()["id"]
+               for _ in range(2)]
+        assert c.get(f"/v1/sessions/{ids[0]}").status_code == 404
+        assert c.get(f"/v1/sessions/{ids[1]}").status_code == 200 and c.get(f"/v1/sessions/{sid}").status_code == 200
+    # numeric path differs: the start says so on one line, and the session carries the note
+    recorded = fdseg.inspector.read(good).doc["precision"]
+    monkeypatch.setenv("FDSEG_PRECISION", "fp32" if recorded == "bf16" else "bf16")
+    code, err = run("--inspector", str(good))
+    assert code == 0 and got["cfg"].inspectors[0].precision_note
+    assert [ln for ln in err.splitlines() if "warning" in ln] == \
+        [f"fdseg serve: warning: line3.fdseg: {got['cfg'].inspectors[0].precision_note}"]
+    monkeypatch.delenv("FDSEG_PRECISION")
+    # in Python: ServeConfig(inspectors=[path]) loads them when the app is made (a bad one raises)
+    app = create_app(ServeConfig(inspectors=[good]))
+    assert [s.title for s in app.state.engine.pinned()] == ["line3"]
+    with pytest.raises(fdseg.errors.InputError, match="does not exist"):
+        create_app(ServeConfig(inspectors=[missing]))

@@ -304,3 +304,73 @@ def test_page_asks_for_the_token_and_cards_say_their_verdict(demo, tmp_path, mon
         finally:
             browser.close()
     assert not outside, f"the page requested outside resources: {outside}"
+
+
+@pytest.mark.browser
+def test_page_with_an_inspector_segments_at_once_and_saves_it(demo, tmp_path, monkeypatch):
+    """A server started with an inspector file (as ``fdseg serve --inspector line3.fdseg``), token-protected:
+    the page names the inspector instead of asking for supports, segments a dropped query at once, and
+    "save inspector" downloads the fit (fetched with the token) as a file fdseg reads; "open inspector"
+    uploads it back (here on the other numeric path: the page says so once) and switches to the new session."""
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    import fdseg
+    from fdseg.serve import ServeConfig, create_app
+
+    line3 = tmp_path / "line3.fdseg"
+    seg = fdseg.FewShotSegmenter(preset="fast", input_size=96).fit([demo.supports[0][0]], [demo.supports[0][1]])
+    seg.save(line3)
+    precision = seg.settings["precision"]
+    q = demo.queries[0][0]
+    expected = seg.predict(q)
+    app = create_app(ServeConfig(sessions_dir=None, token=TOKEN, inspectors=[line3]))
+    outside: list[str] = []
+    console_errors: list[str] = []
+    with running_server(app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000}, bypass_csp=True, accept_downloads=True)
+            page.on("request", lambda r: outside.append(r.url)
+                    if not r.url.startswith((url, "data:", "blob:")) else None)
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.goto(url + "/#token=" + TOKEN)
+            info = page.locator("#inspector-info")
+            info.wait_for(state="visible")
+            assert info.inner_text() == f"inspector line3.fdseg (fast preset, 1 support, fitted on {precision})"
+            assert page.locator("#support-tools").is_hidden() and page.locator("#normal-section").is_hidden()
+            assert page.locator("#precision-note").is_hidden()           # same numeric path: no note
+            assert page.locator("#preset").is_disabled() and page.locator("#preset").input_value() == "fast"
+            page.set_input_files("#query-input", str(q))                 # segmented at once: no supports, no fit
+            try:
+                page.wait_for_function("document.querySelectorAll('#results .result.done').length === 1",
+                                       timeout=60_000)
+            except Exception:
+                pytest.fail("no result; page status: " + page.locator("#status").inner_text())
+            card = page.locator("#results .result.done").first
+            assert card.get_attribute("data-verdict") == ("defective" if expected.is_defective else "ok")
+            assert float(card.get_attribute("data-defect-fraction")) == pytest.approx(expected.defect_fraction,
+                                                                                      abs=1e-6)
+            with page.expect_download() as dl:
+                page.click("#inspector-save-btn")
+            assert dl.value.suggested_filename == "line3.fdseg"
+            got = tmp_path / "downloaded.fdseg"
+            dl.value.save_as(got)
+            assert (fdseg.load(got).predict(q).mask == expected.mask).all()
+            first = page.evaluate("state.session")
+            other = "fp32" if precision == "bf16" else "bf16"
+            monkeypatch.setenv("FDSEG_PRECISION", other)                 # this server's path is the other one now
+            page.set_input_files("#inspector-input", str(got))           # open it: a new session
+            page.wait_for_function(f"state.session && state.session !== '{first}'")
+            assert info.inner_text() == f"inspector downloaded.fdseg (fast preset, 1 support, fitted on {precision})"
+            note = page.locator("#precision-note")
+            assert note.is_visible() and f"fitted on the {precision} numeric path, loaded on {other}" in \
+                note.inner_text()
+            assert page.locator("text=numeric path:").count() == 1       # said once on the page
+            assert page.locator("#inspector-pick").is_visible()          # two inspectors to choose from
+            page.click("#inspector-close")                               # back to supports
+            assert page.locator("#support-tools").is_visible() and not page.locator("#preset").is_disabled()
+        finally:
+            browser.close()
+    assert not outside, f"the page requested outside resources: {outside}"
+    assert not console_errors, console_errors

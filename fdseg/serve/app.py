@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -342,6 +342,43 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
             _, text = await read_form(request, 0)
             title = display_name(text.get("title", ""), "")[:100]
         return await engine.run(engine.save, session, title)
+
+    # -- inspector files ---------------------------------------------------------------------------
+    @app.get("/v1/sessions/{sid}/inspector", tags=["inspector files"],
+             summary="download the session's fit as an inspector file (fdseg.load / fdseg segment --inspector "
+                     "read it); with the support images when the session has them",
+             responses={200: {"content": {"application/octet-stream": {}}}})
+    async def session_inspector(sid: str):
+        session = engine.get(sid)
+        f, size = await engine.run(engine.inspector_file, session)
+
+        def chunks():
+            with f:
+                while block := f.read(1 << 20):
+                    yield block
+        return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{session.inspector_filename}"'})
+
+    @app.post("/v1/inspectors", tags=["inspector files"], status_code=201,
+              summary="open an inspector file (.fdseg): returns a new live session, fitted, ready to segment",
+              openapi_extra=_multipart_doc({"inspector": ("file", "one inspector file (fdseg fit --out FILE, "
+                                                                  "or GET /v1/sessions/{sid}/inspector)")},
+                                           ["inspector"]))
+    async def open_inspector(request: Request):
+        files, _ = await read_form(request, 2, allowed=("inspector",))     # 2: a second one gets the clear message
+        ups = files.get("inspector", [])
+        if len(ups) != 1:
+            raise UploadError("inspector", "send one inspector file (field 'inspector', e.g. curl -F "
+                                           "inspector=@line3.fdseg)")
+        session = await engine.run(engine.open_upload, ups[0])
+        engine.add(session)
+        return session.info()
+
+    @app.get("/v1/inspectors", tags=["inspector files"],
+             summary="the sessions this server loaded from inspector files at start (fdseg serve --inspector)")
+    async def list_inspectors():
+        return {"inspectors": [s.info() for s in engine.pinned()]}
 
     @app.get("/v1/saved", tags=["saved sessions"], summary="sessions saved on this server")
     async def list_saved():

@@ -27,7 +27,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
@@ -230,6 +230,10 @@ class ServeConfig:
     defaults: Settings = field(default_factory=Settings)
     max_templates: int = 3                  # models kept in memory (one per distinct setting)
     token: str | None = field(default=None, repr=False)   # access token every request needs (None: no auth)
+    # inspector files ready at start (``fdseg serve --inspector``): paths (loaded by the Engine) or the
+    # Sessions :func:`open_inspector` made of them (``fdseg serve`` loads them before the server starts);
+    # kept for the server's life (never dropped for newer sessions, not deletable)
+    inspectors: list = field(default_factory=list, repr=False)
 
 
 # -- sessions ------------------------------------------------------------------------------------
@@ -252,14 +256,30 @@ class Session:
     normals: int = 0              # defect-free images the fit used (their bytes are not kept)
     results: "OrderedDict[str, StoredResult]" = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    title: str = ""               # a name to show and to download the inspector file under
+    inspector: dict | None = None  # loaded from an inspector file: what it holds (see open_inspector)
+    precision_note: str | None = None   # the file was fitted on another numeric path than this server's
+    pinned: bool = False          # loaded at start (--inspector): kept for the server's life
+
+    @property
+    def inspector_filename(self) -> str:
+        """``<title or id>.fdseg``, in ``[A-Za-z0-9._-]`` only (the download's name)."""
+        stem = _SAFE_NAME.sub("_", self.title).strip("._")[:80]
+        return f"{stem or self.id}.fdseg"
 
     def info(self) -> dict:
-        return {"id": self.id, "settings": asdict(self.settings), "created": self.created,
+        return {"id": self.id, "title": self.title, "settings": asdict(self.settings), "created": self.created,
                 "supports": [{"index": i + 1, "name": s["name"], "width": s["width"], "height": s["height"],
                               "mask_fraction": s["mask_fraction"]} for i, s in enumerate(self.supports)],
                 "results": len(self.results), "normals": self.normals,
+                "source": "inspector" if self.inspector is not None else "fit", "inspector": self.inspector,
+                "precision_note": self.precision_note, "pinned": self.pinned,
+                "inspector_filename": self.inspector_filename,
                 "plan": [{"step": d.step, "value": d.value, "reason": d.reason}
                          for d in getattr(self.seg, "plan", None).decisions] if getattr(self.seg, "state", None) else []}
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class Engine:
@@ -272,6 +292,10 @@ class Engine:
         self._slots = threading.Semaphore(max(1, self.config.workers))
         self._pending = 0
         self._pending_lock = threading.Lock()
+        for item in self.config.inspectors:     # ready at start; paths are loaded now (bad file: InputError)
+            session = item if isinstance(item, Session) else open_inspector(Path(item), self.config, pinned=True)
+            session.pinned = True
+            self.add(session)
 
     # -- the bounded pool ----------------------------------------------------------------------
     async def run(self, fn: Callable, *args, **kwargs):
@@ -362,11 +386,19 @@ class Engine:
 
     # -- sessions ------------------------------------------------------------------------------
     def add(self, session: Session) -> Session:
+        """Keep ``session``; beyond ``max_sessions`` the least recently used unpinned ones are dropped."""
         with self._sessions_lock:
             self._sessions[session.id] = session
-            while len(self._sessions) > self.config.max_sessions:
-                self._sessions.popitem(last=False)
+            unpinned = [sid for sid, s in self._sessions.items() if not s.pinned]
+            for sid in unpinned[:max(0, len(unpinned) - self.config.max_sessions)]:
+                del self._sessions[sid]
         return session
+
+    def pinned(self) -> list[Session]:
+        """The sessions loaded at start (``--inspector``), in the order given."""
+        with self._sessions_lock:
+            out = [s for s in self._sessions.values() if s.pinned]
+        return sorted(out, key=lambda s: s.created)
 
     def get(self, sid: str) -> Session:
         with self._sessions_lock:
@@ -378,7 +410,9 @@ class Engine:
             return s
 
     def drop(self, sid: str) -> None:
-        self.get(sid)
+        if self.get(sid).pinned:
+            raise UploadError(f"session {sid}", "loaded at start (fdseg serve --inspector): it stays for the "
+                                                "server's life", status=409)
         with self._sessions_lock:
             self._sessions.pop(sid, None)
 
@@ -460,6 +494,60 @@ class Engine:
             z.writestr("report.html", _report(rows, session, sup_cards))
         return buf.getvalue()
 
+    # -- inspector files -----------------------------------------------------------------------
+    def inspector_file(self, session: Session) -> tuple[BinaryIO, int]:
+        """The session's fit as an inspector file (``seg.save``; with the support images when the session
+        has them): an open file, already removed from disk (read it, then close it), and its size."""
+        seg = session.seg
+        tmp = Path(tempfile.mkdtemp(prefix="fdseg-serve-"))
+        try:
+            sups = None     # the supports as files named as they were uploaded (the file keeps the names)
+            if session.supports and len(session.supports) == getattr(seg, "n_supports", -1):
+                sups = []
+                for i, s in enumerate(session.supports):
+                    d = tmp / str(i + 1)
+                    (d / "image").mkdir(parents=True)
+                    img = d / "image" / s["name"]       # a display name: no path in it
+                    try:
+                        img.write_bytes(s["image"])
+                    except OSError:                     # a name this file system refuses (too long ...)
+                        img = d / "image" / f"support_{i + 1}.{s['ext']}"
+                        img.write_bytes(s["image"])
+                    (d / "mask.png").write_bytes(s["mask_png"])
+                    sups.append((img, d / "mask.png"))
+            path = tmp / "session.fdseg"
+            seg.save(path, include_supports=sups is not None, supports=sups)
+            f = open(path, "rb")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)     # POSIX: the open file stays readable until closed
+        size = os.fstat(f.fileno()).st_size
+        if tmp.exists():            # (a system that cannot remove an open file): read it, then remove it
+            data = f.read()
+            f.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            f = io.BytesIO(data)
+        return f, size
+
+    def open_upload(self, upload: Upload) -> Session:
+        """A new session from an uploaded inspector file (written to a temporary file the server names,
+        loaded, removed). Every problem -> 400 naming the upload (never the temporary path)."""
+        with tempfile.TemporaryDirectory(prefix="fdseg-serve-") as tmp:
+            path = Path(tmp) / "upload.fdseg"
+            path.write_bytes(upload.data)
+            scrub = lambda text: str(text).replace(str(path), upload.name).replace(tmp, "(upload)")  # noqa: E731
+            try:
+                return open_inspector(path, self.config, name=upload.name)
+            except InputError as e:
+                src = scrub(e.source) if e.source is not None else upload.name
+                if src != upload.name and not src.startswith(upload.name):
+                    src = f"{upload.name}: {src}"
+                raise UploadError(src, _one_line(scrub(e.problem))) from None
+            except FdsegError as e:
+                raise UploadError(upload.name, _one_line(scrub(e))) from None
+            except Exception as e:      # never a 500 for a file's content: one line, no traceback
+                raise UploadError(upload.name, f"cannot load it as an inspector file: {type(e).__name__}: "
+                                               f"{_one_line(scrub(e))}") from None
+
     # -- saved sessions ------------------------------------------------------------------------
     def _saved_root(self) -> Path:
         if self.config.sessions_dir is None:
@@ -469,6 +557,9 @@ class Engine:
     def save(self, session: Session, title: str = "") -> dict:
         """Write the supports, their masks and the settings to ``sessions_dir/ID/`` (server-chosen names)."""
         root = self._saved_root()
+        if not session.supports:
+            raise UploadError("save", "this session was loaded from an inspector file that holds no support "
+                                      "images: download the inspector file instead (GET /v1/sessions/ID/inspector)")
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{session.id}-", dir=root))
         try:
@@ -520,6 +611,63 @@ class Engine:
                                  f"support {i + 1}"),
                           Upload((d / s["mask"]).read_bytes(), f"mask {i + 1}", f"mask {i + 1}")))
         return settings, pairs
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def open_inspector(path: Path, config: ServeConfig, *, name: str | None = None, pinned: bool = False) -> Session:
+    """An inspector file -> a ready session (fitted: no supports needed) titled after the file.
+
+    ``name``: the file's name to show (default: ``path``'s). Loaded on ``config.device`` with the
+    server's pixel limit; a backbone the server has ``--weights`` for takes that file (its sha256 must be
+    the recorded one). A file fitted on another numeric path than this server's loads all the same; the
+    session's ``precision_note`` says so. Problems raise :class:`InputError` (``path: reason``)."""
+    import warnings
+
+    from ..inspector import InspectorPrecisionWarning, load, read
+    name = name or path.name
+    insp = read(path)
+    file_settings = None
+    try:
+        file_settings = insp.settings
+        backbone = file_settings.get("backbone") if isinstance(file_settings, dict) else None
+    except (ValueError, TypeError, RecursionError):
+        backbone = None     # load() says what is wrong
+    weights = config.weights.get(backbone) if isinstance(backbone, str) and isinstance(file_settings, dict) \
+        and file_settings.get("weights") is not None else None
+    with _LOAD_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InspectorPrecisionWarning)
+        seg = load(path, device=config.device, weights=weights, max_pixels=config.max_pixels)
+    note = None
+    for w in caught:
+        if issubclass(w.category, InspectorPrecisionWarning):
+            msg = str(w.message)
+            note = msg[len(f"{path}: "):] if msg.startswith(f"{path}: ") else msg.replace(str(path), name)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    supports = []
+    if insp.has_supports:
+        for sname, rgb, mask in insp.supports(max_pixels=config.max_pixels):
+            supports.append({"name": display_name(sname, f"support {len(supports) + 1}"), "image": png_bytes(rgb),
+                             "ext": "png", "mask_png": png_bytes(mask), "width": rgb.shape[1],
+                             "height": rgb.shape[0], "mask_fraction": round(float(mask.mean()), 6)})
+    s = seg.settings
+    settings = Settings(method=s["method"], backbone=s["backbone"], refine=s.get("refine") or "none",
+                        threshold=float(s.get("threshold") or 0.0), size=int(s["input_size"]),
+                        resize=s.get("resize") or "", preset=s.get("preset") or "accurate")
+    doc = insp.doc
+    info = {"file": name, "preset": settings.preset, "supports": seg.n_supports,
+            "precision": doc.get("precision"), "precision_here": s.get("precision"),
+            "fdseg_version": doc.get("fdseg_version"), "created": doc.get("created"),
+            "supports_included": bool(supports), "bytes": insp.size}
+    title = name[:-len(".fdseg")] if name.lower().endswith(".fdseg") and len(name) > 6 else name
+    return Session(secrets.token_hex(8), settings, seg, supports, title=title, inspector=info,
+                   precision_note=note, pinned=pinned)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split("\n")[0].split()) or "unreadable"
 
 
 SPECK = (255, 176, 0)       # amber: a mask speck below the smallest defect size (not what makes the verdict)

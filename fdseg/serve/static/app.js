@@ -8,6 +8,9 @@ const state = {
   queries: [],       // {id, name, blob, status: new|running|done|error, result, error, card, session}
   normals: [],       // defect-free ("OK") image files sent with the fit (field 'normal')
   session: null,     // live session id on the server
+  info: null,        // that session's info (GET /v1/sessions/{id})
+  inspector: null,   // the session's info when it came from an inspector file (no supports needed)
+  inspectors: [],    // inspector sessions offered: loaded at start (fdseg serve --inspector) or opened here
   dirty: true,       // supports or settings changed since the session was fitted
   running: false,
   options: null,
@@ -412,10 +415,15 @@ async function fitSession() {
   const info = await api("/v1/sessions", { method: "POST", body: fd });
   state.session = info.id;
   state.dirty = false;
-  $("session-info").textContent = "session " + info.id + (info.normals ? " · " + info.normals + " OK image(s) as background" : "");
+  showSession(info, info.normals ? " · " + info.normals + " OK image(s) as background" : "");
+  return info;
+}
+
+function showSession(info, extra = "") {
+  state.info = info;
+  $("session-info").textContent = "session " + info.id + extra;
   $("session-info").title = (info.plan || []).map((d) => d.step + " = " + d.value + ": " + d.reason).join("\n");
   $("plan-info").textContent = (info.plan || []).map((d) => d.step + "=" + d.value).join(" · ");
-  return info;
 }
 
 async function segmentQuery(q) {
@@ -442,7 +450,7 @@ async function runAll() {
   state.running = true;
   updateButtons();
   try {
-    if (state.dirty || !state.session) await fitSession();
+    if (!state.inspector && (state.dirty || !state.session)) await fitSession();
     let todo = state.queries.filter((q) => q.session !== state.session || q.status === "new");
     let n = 0;
     while (todo.length) {
@@ -568,13 +576,15 @@ function sortResults() {
 
 function updateButtons() {
   const haveDone = state.session && state.queries.some((q) => q.status === "done" && q.session === state.session);
-  $("run-btn").disabled = state.running || !state.supports.length || !state.queries.length;
+  const ready = state.inspector ? Boolean(state.session) : state.supports.length > 0;
+  $("run-btn").disabled = state.running || !ready || !state.queries.length;
+  $("inspector-save-btn").disabled = state.running || !ready;
   $("save-btn").disabled = state.running || !state.supports.length || !(state.options && state.options.saving);
   const zip = $("zip-link");
   zip.classList.toggle("disabled", !haveDone);
   zip.href = haveDone ? "/v1/sessions/" + state.session + "/results.zip" : "#";
   zip.dataset.session = haveDone ? state.session : "";
-  if (state.dirty && state.queries.some((q) => q.status === "done")) {
+  if (!state.inspector && state.dirty && state.queries.some((q) => q.status === "done")) {
     $("progress").textContent = "supports or settings changed: press segment to update the results";
   }
 }
@@ -627,6 +637,7 @@ async function openSaved() {
   try {
     setStatus("opening session " + id + "…");
     const info = await api("/v1/saved/" + id + "/open", { method: "POST" });
+    setInspector(null);
     for (const k of SETTING_IDS) if (k in info.settings) $(k).value = info.settings[k];
     for (const s of state.supports) s.card.remove();
     state.supports = [];
@@ -637,7 +648,7 @@ async function openSaved() {
     }
     state.session = info.id;
     state.dirty = state.normals.length > 0;   // saved sessions keep no OK images: refit with these on segment
-    $("session-info").textContent = "session " + info.id + " (opened from " + id + ")";
+    showSession(info, " (opened from " + id + ")");
     setStatus("session " + id + " opened");
     updateButtons();
   } catch (e) {
@@ -652,17 +663,106 @@ async function downloadZip(ev) {
   if (!sid) return;
   try {
     setStatus("preparing the ZIP…");
-    const blob = await api("/v1/sessions/" + sid + "/results.zip");
-    const a = document.createElement("a");
-    a.href = URL.createObjectURL(blob);
-    a.download = "fdseg-" + sid + ".zip";
-    document.body.appendChild(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+    saveBlob(await api("/v1/sessions/" + sid + "/results.zip"), "fdseg-" + sid + ".zip");
     setStatus("ready");
   } catch (e) {
     setStatus(e.message, true);
+  }
+}
+
+function saveBlob(blob, name) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = name;
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+}
+
+// ---------------------------------------------------------------- inspector files
+// An inspector file (.fdseg) is a fitted session in one file: the page segments with it at once, no supports.
+const inspectorLine = (i) => "inspector " + i.file + " (" + i.preset + " preset, " + plural(i.supports, "support") +
+  ", fitted on " + i.precision + ")";
+
+// info: an inspector session's info (the page segments with it), or null (back to supports)
+function setInspector(info) {
+  state.inspector = info;
+  const on = Boolean(info);
+  $("inspector-bar").hidden = !on;
+  $("support-tools").hidden = on;
+  $("support-list").hidden = on;
+  $("normal-section").hidden = on;
+  $("support-title").textContent = on ? "Inspector" : "Supports";
+  $("support-hint").textContent = on ? "(a fitted inspector file: no supports needed; drop query images below)" :
+    "(1–5 images of the defect; paint the defect on each, or upload its mask; or open an inspector file)";
+  for (const id of SETTING_IDS) $(id).disabled = on;        // the file fixes them
+  const note = $("precision-note");
+  note.hidden = !(on && info.precision_note);
+  note.textContent = on && info.precision_note ? "numeric path: " + info.precision_note : "";
+  if (!on) return;
+  $("inspector-info").textContent = inspectorLine(info.inspector);
+  $("inspector-info").title = "made by fdseg " + info.inspector.fdseg_version + " (" + info.inspector.created + ")" +
+    (info.inspector.supports_included ? "; holds its support images" : "");
+  for (const k of SETTING_IDS) if (k in info.settings) $(k).value = info.settings[k];
+  const sel = $("inspector-list");
+  if (state.inspectors.some((x) => x.id === info.id)) sel.value = info.id;
+}
+
+function fillInspectors() {
+  const sel = $("inspector-list");
+  sel.innerHTML = "";
+  for (const i of state.inspectors) {
+    const o = document.createElement("option");
+    o.value = i.id;
+    o.textContent = i.inspector.file + (i.pinned ? "" : " (opened here)");
+    sel.appendChild(o);
+  }
+  $("inspector-pick").hidden = state.inspectors.length < 2;
+}
+
+function useInspector(info) {
+  setInspector(info);
+  state.session = info.id;
+  state.dirty = false;
+  showSession(info);
+  setStatus("ready: " + inspectorLine(info.inspector) + "; drop query images");
+  updateButtons();
+}
+
+async function loadInspectors() {
+  const r = await api("/v1/inspectors");
+  state.inspectors = r.inspectors;
+  fillInspectors();
+  if (r.inspectors.length) useInspector(r.inspectors[0]);
+}
+
+async function openInspector(file) {
+  try {
+    setStatus("opening inspector " + file.name + "…");
+    const fd = new FormData();
+    fd.append("inspector", file, file.name);
+    const info = await api("/v1/inspectors", { method: "POST", body: fd });
+    state.inspectors.push(info);
+    fillInspectors();
+    useInspector(info);
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+// the inspector file is fetched with the token (as the ZIP), then saved from a blob URL
+async function saveInspector() {
+  try {
+    if (!state.inspector && (state.dirty || !state.session)) await fitSession();
+    setStatus("writing the inspector file…");
+    const name = state.info.inspector_filename || state.session + ".fdseg";
+    saveBlob(await api("/v1/sessions/" + state.session + "/inspector"), name);
+    setStatus("inspector file saved as " + name);
+  } catch (e) {
+    setStatus(e.message, true);
+  } finally {
+    updateButtons();
   }
 }
 
@@ -706,8 +806,26 @@ function init() {
   $("save-btn").addEventListener("click", saveSession);
   $("open-btn").addEventListener("click", openSaved);
   $("zip-link").addEventListener("click", downloadZip);
+  $("inspector-save-btn").addEventListener("click", saveInspector);
+  $("inspector-input").addEventListener("change", (ev) => {
+    if (ev.target.files.length) openInspector(ev.target.files[0]);
+    ev.target.value = "";
+  });
+  $("inspector-list").addEventListener("change", () => {
+    const info = state.inspectors.find((i) => i.id === $("inspector-list").value);
+    if (info) useInspector(info);
+  });
+  $("inspector-close").addEventListener("click", () => {
+    setInspector(null);
+    state.session = null;
+    state.dirty = true;
+    $("session-info").textContent = $("plan-info").textContent = "";
+    setStatus("ready: add support images");
+    updateButtons();
+  });
   loadOptions()
-    .then(() => { setStatus("ready: add support images"); updateButtons(); return loadSaved(); })
+    .then(() => { setStatus("ready: add support images"); updateButtons(); return loadInspectors(); })
+    .then(() => loadSaved())
     .catch((e) => setStatus(e.message, true));
 }
 
