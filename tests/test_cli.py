@@ -127,6 +127,10 @@ def test_bench_writes_tables_and_resumes(tmp_path, defects_root, monkeypatch):
     assert means == {r["method"]: pytest.approx(r["class_mean_miou"]) for r in res["runs"]}
     md = (tmp_path / "b" / "results.md").read_text()
     assert f"{100 * res['runs'][0]['class_mean_miou']:.1f}" in md
+    from fdseg.hardware import describe_cpu, resolve_precision
+    path = resolve_precision()[0]                    # the numeric path in use, named in every output
+    assert {r["precision"] for r in res["runs"]} == {path} and res["cpu"] == describe_cpu()
+    assert f"Numeric path: {path}" in md and f"<td>{path}</td>" in (tmp_path / "b" / "report.html").read_text()
     eps = json.loads((tmp_path / "b" / "episodes_1shot.json").read_text())
     assert len(eps["episodes"]) == 16
     html = (tmp_path / "b" / "report.html").read_text()

@@ -172,7 +172,7 @@ def test_server_sessions_share_one_model_and_take_a_preset(tmp_path):
     a, b = eng.fit(fast, [pair]), eng.fit(fast, [pair])
     assert a.seg.model is b.seg.model and a.seg.state is not b.seg.state
     assert a.seg.settings["preset"] == "fast" and a.seg.plan["support views"] == "none"
-    assert [d["step"] for d in a.info()["plan"]][:3] == ["zoom", "support views", "query views"]
+    assert [d["step"] for d in a.info()["plan"]][:4] == ["precision", "zoom", "support views", "query views"]
     acc = eng.fit(Settings.parse({}, Settings()), [pair])
     assert acc.seg.model is not a.seg.model and acc.seg.plan["support views"] == "dihedral"
     with pytest.raises(UploadError, match="unknown preset"):

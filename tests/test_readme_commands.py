@@ -153,6 +153,17 @@ def test_readme_python_example_runs(monkeypatch, capsys):
                                                  "demo/queries/exp1_num_290998.jpg"]
 
 
+def test_readme_inspector_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's save / load block, after its API block, in a scratch folder (the demo linked in)."""
+    (tmp_path / "demo").symlink_to(REPO / "demo")
+    monkeypatch.chdir(tmp_path)
+    block = re.search(r"## Fit once, run it on the line.*?```python\n(.*?)```", README, re.S).group(1)
+    ns: dict = {}
+    exec(compile(_readme_python(), "README.md", "exec"), ns)
+    exec(compile(block, "README.md", "exec"), ns)
+    assert (tmp_path / "line3.fdseg").is_file() and ns["line"].plan.summary() == ns["seg"].plan.summary()
+
+
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading."""
     s = re.sub(r"[^\w\- ]", "", heading.strip().lower())
