@@ -88,7 +88,7 @@ def collect(a) -> None:
                 gt = resize_mask(load_mask(root / ep.query_mask, size=res.query_size), res.mask.shape)
             done["episodes"][ep.id] = dict(
                 dataset=ep.dataset, cls=ep.cls, defect_free=ep.query_mask is None, t=post.threshold,
-                grid=res.margin_grid.astype(np.float16), mask=np.packbits(res.mask), gt=np.packbits(gt),
+                grid=res.margin_grid.astype(np.float32), mask=np.packbits(res.mask), gt=np.packbits(gt),
                 shape=res.mask.shape, level=level, held=held[0] if held else [], episode=ep, root=str(root),
                 normals=[str(n) for n in normals_by[(ep.dataset, ep.cls)]])
             if time.time() - last > 60 or i == len(todo) - 1:

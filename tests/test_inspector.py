@@ -237,10 +237,10 @@ def test_an_unknown_required_section_is_refused(fitted, tmp_path):
     _, path = fitted
     header, data = parts(path)
     doc = json.loads(header["__metadata__"]["fdseg"])
-    doc["sections"]["cascade"] = {"first_pass": 1}
+    doc["sections"]["rejects_bin"] = {"first_pass": 1}          # a section a later fdseg might write
     header["__metadata__"]["fdseg"] = json.dumps(doc)
     bad = assemble(tmp_path / "s.fdseg", header, data)
-    assert "section(s) cascade unknown to this fdseg" in load_error(bad)
+    assert "section(s) rejects_bin unknown to this fdseg" in load_error(bad)
 
 
 def test_other_backbone_weights_are_refused(demo, tmp_path):
@@ -435,6 +435,32 @@ def test_cli_fit_inspect_segment(demo, tmp_path, capsys):
         assert main(["segment", *argv, "--query", *q, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
+
+
+def test_a_fresh_shell_without_the_supports_gives_the_masks_the_supports_gave(demo, tmp_path):
+    """`fdseg fit --out F` in one process, the support files deleted, then `fdseg segment --inspector F` in a
+    new process: the same mask and score files as `fdseg segment --support ...` wrote."""
+    import shutil
+    import subprocess
+    import sys
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    (img, mask), q = demo.supports[0], [str(p) for p, _ in demo.queries[:3]]
+    img, mask = Path(shutil.copy(img, lab)), Path(shutil.copy(mask, lab))
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "fdseg", *argv, "--threads", "1"], capture_output=True,
+                                       text=True, timeout=600)
+    r = run("segment", "--support", str(img), str(mask), "--query", *q, "--out", str(tmp_path / "a"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = run("fit", "--support", str(img), str(mask), "--out", str(tmp_path / "line3.fdseg"))
+    assert r.returncode == 0, r.stderr
+    shutil.rmtree(lab)                                         # the line's PC has no support files
+    r = run("segment", "--inspector", str(tmp_path / "line3.fdseg"), "--query", *q, "--out", str(tmp_path / "b"),
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    for p, _ in demo.queries[:3]:
+        for sub in ("masks/{}.png", "scores/{}.png", "overlays/{}.jpg"):
+            assert (tmp_path / "a" / sub.format(p.stem)).read_bytes() == \
+                (tmp_path / "b" / sub.format(p.stem)).read_bytes(), (sub, p.name)
 
 
 def test_cli_warns_about_another_numeric_path(fitted, demo, tmp_path, capsys):

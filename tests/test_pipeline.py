@@ -20,7 +20,11 @@ TEXTURE = "magnetic_tile/blowhole"
 
 # -- presets (synthetic tier) ----------------------------------------------------------------------
 def test_presets_resolve_to_their_settings():
-    assert set(PRESETS) == {"accurate", "fast", "paper"}
+    assert set(PRESETS) == {"accurate", "fast", "paper", "line"}
+    line = FewShotSegmenter(preset="line")            # the accurate settings behind a first pass (fdseg.cascade)
+    assert type(line).__name__ == "CascadeSegmenter"
+    assert {k: v for k, v in line.settings.items() if k != "preset"} == \
+        {k: v for k, v in FewShotSegmenter().settings.items() if k != "preset"}
     assert preset_settings(None) == preset_settings("accurate") == dict(DEFAULTS)
     paper = FewShotSegmenter(preset="paper").settings
     assert (paper["resize"], paper["zoom"], paper["support_augment"], paper["query_augment"],
@@ -147,7 +151,8 @@ def test_predict_and_bench_give_identical_masks(defects_root, tmp_path, shots):
     lines = (tmp_path / "runs" / f"fm_{shots}shot.jsonl").read_text().splitlines()
     key = json.loads(lines[0])["key"]["segmenter"]
     assert key["preset"] == "accurate" and key["below_cells"] == 2.0 and key["colour"]["tau"] == 0.3
-    assert all(json.loads(ln)["plan"].startswith("zoom=2; support views=") for ln in lines[1:])
+    assert all(json.loads(ln)["plan"].startswith("precision=") and "; zoom=2; support views=" in json.loads(ln)["plan"]
+               for ln in lines[1:])
 
 
 def test_server_sessions_share_one_model_and_take_a_preset(tmp_path):

@@ -273,7 +273,7 @@ def test_slack_is_withheld_where_it_cannot_be_trimmed_on_real_cracks(defects_roo
 
 def test_gate_replay_gives_the_default_gates_masks(defects_root, distill_root, tmp_path):
     """benchmarks/gate_replay.py (how the OK gate's rule was chosen) keeps each episode's ungated mask and
-    the held-out normals' scores: its per-component lower-quartile replay must give the masks the
+    the held-out normals' scores: its soft replay at the Harrell-Davis lower quartile must give the masks the
     default segmenter gives with the same normals, and the gate must remove something there."""
     import argparse
     import importlib.util
@@ -289,7 +289,7 @@ def test_gate_replay_gives_the_default_gates_masks(defects_root, distill_root, t
     mod.collect(argparse.Namespace(data=str(defects_root), normal=str(distill_root), ok_queries=str(distill_root),
                                    normal_count=25, ok_count=2, shots=5, datasets=["magnetic_tile"],
                                    classes=["magnetic_tile/uneven"], max_per_class=6, eval_size=256, threads=1,
-                                   out=str(out)))
+                                   precision=None, out=str(out)))
     recs = pickle.loads(out.read_bytes())["episodes"]
     assert len(recs) == 8 and all(len(r["held"]) == 5 for r in recs.values())
     seg = FewShotSegmenter(cache_size=64)
@@ -298,7 +298,7 @@ def test_gate_replay_gives_the_default_gates_masks(defects_root, distill_root, t
         ep, root = r["episode"], Path(r["root"])
         seg.fit([root / p for p in ep.supports], [root / p for p in ep.support_masks], normals=r["normals"])
         live = seg.predict(root / ep.query, size=(256, 256)).mask
-        replayed = mod.gated(r, "component", mod.LEVELS["quartile"])
+        replayed = mod.gated(r, "soft", mod.LEVELS["hd-quartile"])     # the default gate's rule and level
         assert np.array_equal(live, replayed), ep.id
         changed += not np.array_equal(replayed, mod.gated(r, "none", None))
     assert changed >= 1
