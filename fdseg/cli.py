@@ -24,7 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser, methods_multi: bool = False) -> 
                         "backbones")
     g.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="named settings (default accurate): accurate = every accuracy rule; fast = one view of each "
-                        "image, no zoom; paper = the paper's rule. The flags marked (preset) override it")
+                        "image, no zoom; paper = the paper's rule; line = accurate behind a fast first pass that "
+                        "answers the queries it proves OK (docs/cascade.md). The flags marked (preset) override it")
     g.add_argument("--size", type=int, default=256, help="network input size / tile size (default: 256)")
     g.add_argument("--resize", default=None, choices=["resize", "aspect", "tile", "auto"],
                    help="(preset) auto (default): strips (aspect >= 4:1, e.g. line-scan) are seen aspect-kept with their short "
@@ -159,7 +160,11 @@ def _threads(a: argparse.Namespace) -> None:
 
 def _explain(a: argparse.Namespace, seg) -> None:
     """--explain: what the fit resolved, step by step, with the reasons (stderr keeps stdout for results)."""
-    if getattr(a, "explain", False):
+    if getattr(a, "explain", False) and len(getattr(seg, "types", ())) > 1:
+        print(f"plans ({seg.settings['preset']} preset, {len(seg.types)} defect types, {seg.n_supports} supports):",
+              file=sys.stderr)
+        print(seg.explain(), file=sys.stderr)
+    elif getattr(a, "explain", False):
         print(f"plan ({seg.settings['preset']} preset, {seg.n_supports} support{'s' * (seg.n_supports > 1)}):",
               file=sys.stderr)
         for line in str(seg.plan).splitlines():
@@ -174,21 +179,35 @@ def _normals(a: argparse.Namespace) -> list[Path] | None:
     return collect_normals(a.normal)
 
 
+def _typed_supports(a: argparse.Namespace) -> list[tuple[Path, Path, str]]:
+    """--support-dir DIR: DIR/TYPE/images + DIR/TYPE/masks -> (image, mask, type) triples."""
+    from .multitype import read_support_dir
+    return [(i, m, t) for i, m, t in zip(*read_support_dir(a.support_dir))]
+
+
+def _fit_segmenter(a: argparse.Namespace, supports: list[tuple], **kw):
+    """A segmenter fitted on --support pairs, or a multi-type one on --support-dir's typed supports."""
+    from .segmenter import FewShotSegmenter
+    images, masks = [s[0] for s in supports], [s[1] for s in supports]
+    if getattr(a, "support_dir", None):
+        from .multitype import MultiTypeSegmenter
+        return MultiTypeSegmenter(method=a.method, **kw).fit(images, masks, types=[s[2] for s in supports],
+                                                             normals=_normals(a))
+    return FewShotSegmenter(method=a.method, **kw).fit(images, masks, normals=_normals(a))
+
+
 def cmd_segment(a: argparse.Namespace) -> int:
     from .segment_folder import collect_queries, segment_folder
-    from .segmenter import FewShotSegmenter
     _threads(a)
     _check_inspector_args(a)
-    supports = [(Path(i), Path(m)) for i, m in a.support or []]
+    supports = _typed_supports(a) if a.support_dir else [(Path(i), Path(m)) for i, m in a.support or []]
     if a.engine == "ray":
         res = _segment_ray(a, supports)
     else:
         if a.inspector:
             seg = _load_inspector(a, a.device)
         else:
-            seg = FewShotSegmenter(method=a.method, batch_size=a.batch_size,
-                                   **_with_sam2(_segmenter_kwargs(a), a.method, a))
-            seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
+            seg = _fit_segmenter(a, supports, batch_size=a.batch_size, **_with_sam2(_segmenter_kwargs(a), a.method, a))
         _explain(a, seg)
         queries = collect_queries(a.query)
         res = segment_folder(seg, queries, a.out, progress=not a.no_progress, resume=a.resume, supports=supports)
@@ -215,17 +234,15 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-batch-size", type=int, default=8, help="images per actor call (default 8)")
 
 
-def _segment_ray(a: argparse.Namespace, supports: list[tuple[Path, Path]]):
+def _segment_ray(a: argparse.Namespace, supports: list[tuple]):
     from .segment_ray import import_ray, list_queries, segment_ray
-    from .segmenter import FewShotSegmenter
     import_ray()                                   # a missing extra fails before any work
     gpus = a.gpus_per_actor if a.gpus_per_actor is not None else (1.0 if a.device.startswith("cuda") else 0.0)
     # fitted (or loaded) on the driver's CPU and shipped; the actors move it to their own device
     if a.inspector:
         seg = _load_inspector(a, "cpu")
     else:
-        seg = FewShotSegmenter(method=a.method, **{**_segmenter_kwargs(a), "device": "cpu"})
-        seg.fit([s[0] for s in supports], [s[1] for s in supports], normals=_normals(a))
+        seg = _fit_segmenter(a, supports, **{**_segmenter_kwargs(a), "device": "cpu"})
     _explain(a, seg)
     return segment_ray(seg, list_queries(a.query), a.out, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
                        inspector=Path(a.inspector).read_bytes() if a.inspector else None,
@@ -245,11 +262,15 @@ _FIXED_BY_INSPECTOR = ("method", "backbone", "preset", "size", "resize", "zoom",
 def _check_inspector_args(a: argparse.Namespace) -> None:
     """segment: --inspector FILE or --support IMAGE MASK (one of them), and no option the file fixes."""
     from .errors import InputError
-    if a.inspector and a.support:
-        raise InputError("--inspector", "give either --inspector FILE or --support IMAGE MASK, not both "
-                                        "(the file holds its fitted supports)")
-    if not a.inspector and not a.support:
-        raise InputError("--support", "need --support IMAGE MASK (repeat for K-shot) or --inspector FILE")
+    if a.inspector and (a.support or getattr(a, "support_dir", None)):
+        raise InputError("--inspector", "give either --inspector FILE or --support IMAGE MASK / --support-dir DIR, "
+                                        "not both (the file holds its fitted supports)")
+    if a.support and getattr(a, "support_dir", None):
+        raise InputError("--support-dir", "give either --support IMAGE MASK (one defect type) or --support-dir DIR "
+                                          "(DIR/TYPE/images + masks: several types), not both")
+    if not a.inspector and not a.support and not getattr(a, "support_dir", None):
+        raise InputError("--support", "need --support IMAGE MASK (repeat for K-shot), --support-dir DIR or "
+                                      "--inspector FILE")
     if a.inspector:
         defaults = build_parser().parse_args(["segment", "--inspector", "x", "--query", "x", "--out", "x"])
         given = [k for k in _FIXED_BY_INSPECTOR if getattr(a, k, None) != getattr(defaults, k, None)]
@@ -308,9 +329,27 @@ def cmd_bench(a: argparse.Namespace) -> int:
                       ok_queries=Path(a.ok_queries) if a.ok_queries else None, ok_count=a.ok_count,
                       per_method={m: _with_sam2({}, m, a)["method_options"] for m in a.method
                                   if _with_sam2({}, m, a)})
+    if a.multi_type:
+        return _bench_multi_type(a, cfg)
     res = run_bench(cfg)
     print(markdown_table(res))
     print(f"-> {Path(a.out) / 'report.html'}")
+    return 0
+
+
+def _bench_multi_type(a: argparse.Namespace, cfg) -> int:
+    """bench --multi-type: every class of a dataset is a defect type (fdseg/multitype_bench.py)."""
+    from .errors import InputError
+    from .multitype_bench import run_multi_type_bench
+    unsupported = [f for f, v in (("--episodes", a.episodes), ("--normal", a.normal), ("--ok-queries", a.ok_queries))
+                   if v]
+    if unsupported or len(a.method) > 1:
+        raise InputError("--multi-type", f"runs one method on its own episodes: drop "
+                                         f"{', '.join(unsupported) or '--method ' + ' '.join(a.method[1:])}")
+    res = run_multi_type_bench(cfg, method=a.method[0])
+    from .multitype_bench import markdown
+    print(markdown(res))
+    print(f"-> {Path(a.out) / 'multi_type' / 'results.md'}")
     return 0
 
 
@@ -492,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment query images from 1..K support images with masks")
     s.add_argument("--support", nargs=2, action="append", default=None, metavar=("IMAGE", "MASK"),
                    help="a support image and its defect mask (repeat for K-shot); or --inspector")
+    s.add_argument("--support-dir", default=None, metavar="DIR",
+                   help="several defect types: DIR/TYPE/images + DIR/TYPE/masks (one folder per type, the dataset "
+                        "layout); writes labels/STEM.png (value k = type k) with labels/legend.json and a types "
+                        "column")
     s.add_argument("--inspector", default=None, metavar="FILE",
                    help="a fitted inspector file (fdseg fit ... --out FILE) instead of --support: its settings, "
                         "plan and fitted state (--device, --precision, --threads, --batch-size, --weights still apply)")
@@ -533,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--datasets", nargs="+", default=None, help="only these datasets")
     b.add_argument("--classes", nargs="+", default=None, help="only these classes (CLASS or DATASET/CLASS)")
     b.add_argument("--max-per-class", type=int, default=None, help="first N images of each class only")
+    b.add_argument("--multi-type", action="store_true",
+                   help="every class of a dataset is a defect type: one episode = K supports of every class, the "
+                        "query labelled among them; per-type IoU, type confusion matrices and image-level type "
+                        "accuracy beside one type per fit on the same queries (OUT/multi_type/). --classes takes "
+                        "globs (visa/macaroni1_*)")
     b.add_argument("--episodes", default=None, help="episode JSON from an earlier run (identical episodes)")
     b.add_argument("--gallery", type=int, default=3, help="gallery panels per dataset and run (default 3)")
     b.add_argument("--normal", default=None, metavar="DIR",

@@ -6,6 +6,11 @@ For each query ``STEM``: ``masks/STEM.png`` (0/255, the query's own size),
 ``verdict``, defective or ok, and its ``defect_score``: :mod:`fdseg.pipeline.finish`); and
 ``report.html``, a gallery sorted so that defective images come first.
 
+A multi-type segmenter (:mod:`fdseg.multitype`) also writes ``labels/STEM.png`` (a palette PNG: value k =
+type k, 0 = good; the legend in its ``fdseg-legend`` text chunk) and ``labels/legend.json``, colours its
+overlays by type, and adds the columns ``type`` (the type with the largest area) and ``types`` (type ->
+defect fraction, JSON) to the summary.
+
 A bad query is skipped and reported as an error row; every finished query is in
 ``summary.jsonl`` at once, so a killed run loses nothing and ``resume=True``
 picks up where it stopped. All files are written atomically.
@@ -31,6 +36,11 @@ from .segmenter import FewShotSegmenter, Prediction
 
 FIELDS = ["query", "file", "width", "height", "defect_fraction", "components", "boxes", "max_score", "verdict",
           "defect_score", "status", "error"]
+TYPE_FIELDS = ["type", "types"]       # rows of a multi-type segmenter's predictions (after FIELDS)
+
+
+def _typed(pred) -> bool:
+    return getattr(pred, "labels", None) is not None and bool(getattr(pred, "types", ()))
 
 
 def collect_queries(items: Iterable[str | Path]) -> list[Path]:
@@ -82,14 +92,24 @@ def _row(name: str, path: Path, pred: Prediction | None, error: str | None = Non
                 "components": None, "boxes": [], "max_score": None, "verdict": None, "defect_score": None,
                 "status": "error", "error": error}
     h, w = pred.mask.shape
-    return {"query": name, "file": str(path), "width": w, "height": h,
-            "defect_fraction": round(pred.defect_fraction, 6), "components": len(pred.boxes),
-            "boxes": [list(b) for b in pred.boxes], "max_score": round(pred.max_score, 4),
-            "verdict": pred.verdict, "defect_score": round(pred.defect_score, 4), "status": "ok", "error": ""}
+    row = {"query": name, "file": str(path), "width": w, "height": h,
+           "defect_fraction": round(pred.defect_fraction, 6), "components": len(pred.boxes),
+           "boxes": [list(b) for b in pred.boxes], "max_score": round(pred.max_score, 4),
+           "verdict": pred.verdict, "defect_score": round(pred.defect_score, 4), "status": "ok", "error": ""}
+    if _typed(pred):
+        row["type"] = pred.type or ""
+        row["types"] = {t: round(f, 6) for t, f in sorted(pred.fractions.items(), key=lambda kv: -kv[1])}
+    return row
 
 
 def query_outputs(name: str, rgb: np.ndarray, pred: Prediction) -> dict[str, bytes]:
     """The files of one query, relative to the output folder -> their encoded bytes."""
+    if _typed(pred):
+        from .multitype import label_png, typed_overlay
+        return {f"masks/{name}.png": encode_png(pred.mask),
+                f"scores/{name}.png": encode_png(np.round(pred.score * 255).astype(np.uint8)),
+                f"labels/{name}.png": label_png(pred.labels, pred.types),
+                f"overlays/{name}.jpg": encode_jpeg(typed_overlay(rgb, pred.labels, pred.types))}
     return {f"masks/{name}.png": encode_png(pred.mask),
             f"scores/{name}.png": encode_png(np.round(pred.score * 255).astype(np.uint8)),
             f"overlays/{name}.jpg": encode_jpeg(overlay(rgb, pred.mask))}
@@ -165,39 +185,65 @@ def segment_folder(seg: FewShotSegmenter, queries: list[Path], out: str | Path, 
 def _write_summary(out: Path, rows: list[dict]) -> None:
     write_text(out / "summary.json", json.dumps(rows, indent=1))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=FIELDS)
+    typed = [f for f in TYPE_FIELDS if any(f in r for r in rows)]
+    w = csv.DictWriter(buf, fieldnames=FIELDS + typed)
     w.writeheader()
     for r in rows:
-        w.writerow({**r, "boxes": json.dumps(r["boxes"])})
+        w.writerow({**r, "boxes": json.dumps(r["boxes"]),
+                    **({"types": json.dumps(r["types"])} if "types" in r else {})})
     write_text(out / "summary.csv", buf.getvalue())
 
 
 def _write_report(out: Path, rows: list[dict], seg: FewShotSegmenter, supports: list[tuple[Path, Path]]) -> Path:
     from .data.images import load_image, load_mask
     d = seg.describe()
-    secs = [f"<p class='muted'>settings: {esc(json.dumps({k: v for k, v in d.items() if k not in ('plan', 'explain')}))}</p>"]
-    if seg.n_supports:
-        secs.append("<h2>Plan</h2><p class='muted'>what the fit decided on the supports, and why</p><ul>" +
+    types = list(getattr(seg, "types", ()) or ()) if seg.n_supports else []
+    skip = ("plan", "explain", "type_plans")
+    secs = [f"<p class='muted'>settings: {esc(json.dumps({k: v for k, v in d.items() if k not in skip}))}</p>"]
+    if types:
+        from .multitype import legend
+        entries = legend(types)
+        write_text(out / "labels" / "legend.json", json.dumps({"good": 0, "types": entries}, indent=1))
+        count = {t: sum(1 for r in rows if r.get("type") == t) for t in types}
+        secs.append("<h2>Defect types</h2><p class='muted'>labels/STEM.png: value k = type k (0 = good); "
+                    "overlays coloured by type; labels/legend.json</p><table><tr><th>value</th><th>type</th>"
+                    "<th>colour</th><th>queries of this type (strongest defect)</th></tr>" + "".join(
+                        f"<tr><td>{e['value']}</td><td>{esc(e['type'])}</td><td><span style='display:inline-block;"
+                        f"width:1.2em;height:1em;background:{e['colour']}'></span> {e['colour']}</td>"
+                        f"<td>{count[e['type']]}</td></tr>" for e in entries) + "</table>")
+        plans = [(f"{t}: ", p) for t, p in seg.plans.items()]
+    else:
+        plans = [("", seg.plan)] if seg.n_supports else []
+    for label, plan in plans:
+        secs.append(f"<h2>Plan{(' of ' + esc(label[:-2])) if label else ''}</h2><p class='muted'>what the fit "
+                    f"decided on the supports, and why</p><ul>" +
                     "".join(f"<li><b>{esc(x.step)}</b> = {esc(str(x.value))}: {esc(x.reason)}</li>"
-                            for x in seg.plan.decisions) + "</ul>")
+                            for x in plan.decisions) + "</ul>")
     if supports:
         cards = []
-        for i, (im, m) in enumerate(supports):
+        colours = {}
+        if types:
+            from .multitype import type_colours
+            colours = dict(zip(types, type_colours(len(types))))
+        for i, sup in enumerate(supports):
+            im, m = sup[0], sup[1]
+            kind = sup[2] if len(sup) > 2 else None
             rgb = load_image(im)
             rel = f"supports/support_{i + 1}.jpg"
-            write_jpeg(out / rel, overlay(rgb, load_mask(m, size=rgb.shape[:2]), GREEN))
-            cards.append(card(rel, f"support {i + 1}: {Path(im).name}"))
+            write_jpeg(out / rel, overlay(rgb, load_mask(m, size=rgb.shape[:2]), colours.get(kind, GREEN)))
+            cards.append(card(rel, f"support {i + 1}: {Path(im).name}" + (f" ({kind})" if kind else "")))
         secs.append("<h2>Supports</h2><div class='grid'>" + "".join(cards) + "</div>")
     ok = sorted((r for r in rows if r["status"] == "ok"),
                 key=lambda r: (r.get("verdict") != "defective", -r["defect_fraction"], r["query"]))
     bad = [r for r in rows if r["status"] != "ok"]
     n_def = sum(1 for r in ok if r.get("verdict") == "defective")
+    typed = [["type"]] if types else [[]]
     secs.append(f"<h2>Queries</h2><p class='muted'>{n_def} of {len(ok)} judged defective (a mask component of at "
                 f"least one grid cell; defect score = the largest margin above the threshold)</p>" + table(
-        ["query", "verdict", "defect score", "defect area", "components", "max score", "status"],
-        [[r["query"], r.get("verdict", "-"), r.get("defect_score", "-"), f"{100 * r['defect_fraction']:.3f}%",
-          r["components"], r["max_score"], "ok"] for r in ok] +
-        [[r["query"], "-", "-", "-", "-", "-", r["error"]] for r in bad]))
+        ["query", "verdict", *typed[0], "defect score", "defect area", "components", "max score", "status"],
+        [[r["query"], r.get("verdict", "-"), *([r.get("type") or "-"] if types else []), r.get("defect_score", "-"),
+          f"{100 * r['defect_fraction']:.3f}%", r["components"], r["max_score"], "ok"] for r in ok] +
+        [[r["query"], "-", *(["-"] if types else []), "-", "-", "-", "-", r["error"]] for r in bad]))
     secs.append("<h2>Overlays (most defective first)</h2><div class='grid'>" + "".join(
         card(f"overlays/{r['query']}.jpg", f"{r['query']}: {r.get('verdict', '-')}, {100 * r['defect_fraction']:.3f}% "
                                             f"defect, max score {r['max_score']}") for r in ok) + "</div>")
