@@ -819,6 +819,24 @@ class _TypesSection:
         types_from_record(rec, ctx)
 
 
+@register_section("cascade")
+class _CascadeSection:
+    """The cascade (:mod:`fdseg.cascade`, ``preset="line"``): its mode, the fitted bound and the first pass's
+    fit (plan / method / colour / post, written by those sections' encoders with its tensors under
+    ``cascade.``); the file's own plan / method / colour / post sections are the accurate path's. A
+    FewShotSegmenter writes none."""
+
+    @staticmethod
+    def to_record(seg, tensors, ctx):
+        from .cascade import cascade_record
+        return cascade_record(seg, tensors, ctx)
+
+    @staticmethod
+    def from_record(rec, ctx):
+        from .cascade import cascade_from_record
+        cascade_from_record(rec, ctx)
+
+
 # the FittedState fields this version saves (a new field must get its section before it can be saved)
 _STATE_FIELDS = {"plan", "method", "post", "extractor", "feature_tag", "colour"}
 

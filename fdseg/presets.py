@@ -31,6 +31,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # and costs magnetic_tile 0.7, docs/experiments.md)
     "fast": MappingProxyType(dict(zoom=1, support_augment="none", query_augment="none",
                                   colour_options={"tune_from": 0, "min_trimmed": 0})),
+    # the accurate path's settings behind a first pass with the `fast` rules on the same backbone: a query
+    # the first pass proves OK by the fit's bound is answered by it, every other one by the accurate path
+    # (FewShotSegmenter(preset="line") builds a fdseg.cascade.CascadeSegmenter; docs/cascade.md)
+    "line": MappingProxyType({}),
 })
 
 

@@ -224,6 +224,14 @@ class FewShotSegmenter:
             ok_gate=gate, precision=Decision("precision", path, path_why))
         self.state: FittedState | None = None
 
+    def __new__(cls, *args, **kw):
+        # preset="line": the cascade (the accurate path behind a first pass, fdseg.cascade), built wherever a
+        # FewShotSegmenter is (API, CLI, app, REST, Ray, fdseg.load)
+        if cls is FewShotSegmenter and kw.get("preset") == "line":
+            from .cascade import CascadeSegmenter
+            cls = CascadeSegmenter
+        return super().__new__(cls)
+
     def __setstate__(self, d: dict) -> None:      # unpickled: the state's view of the (new) model's extractor
         self.__dict__.update(d)
         if self.state is not None and self.state.extractor is None:
