@@ -48,8 +48,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -63,7 +61,7 @@ from .feature_cache import FeatureCache, file_key
 from .pipeline import Decision, Plan, Prediction
 from .pipeline.finish import ScoreRule
 from .pipeline.post import OkGate
-from .segmenter import FewShotSegmenter, FittedState, _name
+from .segmenter import FewShotSegmenter, FittedState, prefetch_batches
 
 __all__ = ["CASCADE_MODES", "CascadeBound", "CascadeSegmenter", "CascadeState", "FirstPassPrediction",
            "PREDICTION_LEVEL", "fit_delta", "provable_level"]
@@ -460,52 +458,29 @@ class CascadeSegmenter(FewShotSegmenter):
         # one image per backbone pass (the CPU): an escalated query's features do not depend on its batch; else
         # (a GPU) the accurate path's batches are those of the accurate path alone, so its features are too
         per_image = st.extractor is None or st.extractor.images_per_pass(2) == 1
-        ahead = 2 * self.batch_size
-        src = iter(enumerate(images))
-        with ThreadPoolExecutor(self.model.loader_threads, thread_name_prefix="fdseg-load") as pool:
-            pending: deque = deque()
-
-            def refill() -> None:
-                while len(pending) < ahead:
-                    try:
-                        i, im = next(src)
-                    except StopIteration:
-                        return
-                    name = _name(im, i, "query image")
-                    pending.append((name, im, pool.submit(fp._load, im, name)))
-
-            refill()
-            while pending:
-                batch = []
-                while pending and len(batch) < self.batch_size:
-                    name, im, fut = pending.popleft()
-                    try:
-                        batch.append((name, im, fut.result()))
-                    except FdsegError as e:
-                        batch.append((name, im, e))
-                refill()
-                fp._ensure_features([it for _, _, it in batch if not isinstance(it, BaseException)])
-                out, up = [], []
-                for name, im, it in batch:
-                    if isinstance(it, BaseException):
-                        out.append((name, it))
-                        continue
-                    margin = fp._score(it, exact=False)
-                    s_f = float(margin.max()) - float(st.first.post.threshold) if margin.numel() else float("-inf")
-                    if st.bound.answers(s_f):
-                        out.append((name, self._answer(margin, s_f, size or it[2], it, name, st)))
-                        if not per_image and not shared:       # the accurate batch as the accurate path has it
-                            up.append(self._accurate_item(it, im, name, st, shared))
-                    else:
-                        item = self._accurate_item(it, im, name, st, shared)
-                        up.append(item)
-                        out.append((name, item))
-                self._ensure_features(up)
-                for name, res in out:
-                    if isinstance(res, list):      # escalated: the accurate path, as predict_stream does it
-                        res = self.finish(self._score(res, exact=False), size or res[2], res[0], name,
-                                          query_size=res[2])
-                    yield name, res
+        for batch in prefetch_batches(images, fp._load, self.batch_size, self.model.loader_threads):
+            fp._ensure_features([it for _, _, it in batch if not isinstance(it, BaseException)])
+            out, up = [], []
+            for name, im, it in batch:
+                if isinstance(it, BaseException):
+                    out.append((name, it))
+                    continue
+                margin = fp._score(it, exact=False)
+                s_f = float(margin.max()) - float(st.first.post.threshold) if margin.numel() else float("-inf")
+                if st.bound.answers(s_f):
+                    out.append((name, self._answer(margin, s_f, size or it[2], it, name, st)))
+                    if not per_image and not shared:       # the accurate batch as the accurate path has it
+                        up.append(self._accurate_item(it, im, name, st, shared))
+                else:
+                    item = self._accurate_item(it, im, name, st, shared)
+                    up.append(item)
+                    out.append((name, item))
+            self._ensure_features(up)
+            for name, res in out:
+                if isinstance(res, list):      # escalated: the accurate path, as predict_stream does it
+                    res = self.finish(self._score(res, exact=False), size or res[2], res[0], name,
+                                      query_size=res[2])
+                yield name, res
 
     def _accurate_item(self, it: list, image, name: str, st: CascadeState, shared: bool) -> list:
         """The loaded query as the accurate path loads it: the first pass's item where the two see the query

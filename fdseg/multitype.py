@@ -41,8 +41,6 @@ import copy
 import dataclasses
 import io
 import json
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -56,7 +54,7 @@ from .errors import FdsegError, InputError
 from .methods import Query, Support
 from .pipeline import QUERY_VIEWS, Decision, Prediction, SupportViews, merge_views, view_images
 from .pipeline.finish import MIN_CELLS, ScoreRule, mask_box
-from .segmenter import FewShotSegmenter, FittedState, _matcher_decision, _name
+from .segmenter import FewShotSegmenter, FittedState, _matcher_decision, _name, prefetch_batches
 
 __all__ = ["COMPETITIONS", "DEFAULT_COMPETITION", "DEFAULT_LABELLING", "DEFAULT_TYPE", "LABELLINGS",
            "MultiTypeSegmenter", "TypedPrediction", "TypedState", "combine", "label_png", "legend",
@@ -747,72 +745,50 @@ class MultiTypeSegmenter(FewShotSegmenter):
                 it[0] = self.load(im, name)
             return it
 
-        ahead = 2 * self.batch_size
-        src = iter(enumerate(images))
-        with ThreadPoolExecutor(self.model.loader_threads, thread_name_prefix="fdseg-load") as pool:
-            pending: deque = deque()
-
-            def refill() -> None:
-                while len(pending) < ahead:
-                    try:
-                        i, im = next(src)
-                    except StopIteration:
-                        return
-                    name = _name(im, i, "query image")
-                    pending.append((name, im, pool.submit(load, im, name)))
-
-            refill()
-            while pending:
-                batch = []
-                while pending and len(batch) < self.batch_size:
-                    name, im, fut = pending.popleft()
-                    try:
-                        batch.append([name, im, {order[0]: fut.result()}])
-                    except FdsegError as e:
-                        batch.append([name, im, e])
-                refill()
-                for g in order:
-                    s = subs[groups[g][0]]
-                    todo = []
-                    for entry in batch:
-                        if isinstance(entry[2], BaseException):
-                            continue
-                        if g not in entry[2]:
-                            try:
-                                entry[2][g] = s._rekey(entry[2][order[0]], entry[1], entry[0], s.extractor,
-                                                       s.state.feature_tag)
-                            except FdsegError as e:
-                                entry[2] = e
-                                continue
-                        todo.append(entry[2][g])
-                    s._ensure_features(todo)
-                for name, im, items in batch:
-                    if isinstance(items, BaseException):
-                        yield name, items
+        for raw in prefetch_batches(images, load, self.batch_size, self.model.loader_threads):
+            batch = [[name, im, it if isinstance(it, BaseException) else {order[0]: it}] for name, im, it in raw]
+            for g in order:
+                s = subs[groups[g][0]]
+                todo = []
+                for entry in batch:
+                    if isinstance(entry[2], BaseException):
                         continue
-                    first = items[order[0]]
-                    rgb, hw = first[0], first[2]
-                    preds: list[Prediction | None] = [None] * len(subs)
-                    for g in order:
-                        item = items[g]
-                        ks = groups[g]
-                        s0 = subs[ks[0]]
-                        views = g[1]
-                        imgs = view_images(item[0], views) if views != "none" else []
-                        feats = s0.extractor.batch(imgs) if imgs else []
-                        queries = [Query(item[0], item[1])] + [Query(a, f) for a, f in zip(imgs, feats)]
-                        flips = [[]] + [list(dims) for _, dims in QUERY_VIEWS[views]]
-                        for k in ks:
-                            method = subs[k].state.method
-                            if hasattr(method, "score_views"):
-                                margin = method.score_views(queries, flips, exact_above=thresholds[k])
-                            else:
-                                margin = method.score(queries[0])
-                                if imgs:
-                                    margin = merge_views(margin, [method.score(q) for q in queries[1:]], views)
-                            preds[k] = subs[k].finish(margin, size or hw, rgb, name, query_size=hw)
-                    yield name, combine(preds, thresholds, self.types, labelling=self._labelling(),
-                                        temperature=temperature, gate=self._gate())
+                    if g not in entry[2]:
+                        try:
+                            entry[2][g] = s._rekey(entry[2][order[0]], entry[1], entry[0], s.extractor,
+                                                   s.state.feature_tag)
+                        except FdsegError as e:
+                            entry[2] = e
+                            continue
+                    todo.append(entry[2][g])
+                s._ensure_features(todo)
+            for name, im, items in batch:
+                if isinstance(items, BaseException):
+                    yield name, items
+                    continue
+                first = items[order[0]]
+                rgb, hw = first[0], first[2]
+                preds: list[Prediction | None] = [None] * len(subs)
+                for g in order:
+                    item = items[g]
+                    ks = groups[g]
+                    s0 = subs[ks[0]]
+                    views = g[1]
+                    imgs = view_images(item[0], views) if views != "none" else []
+                    feats = s0.extractor.batch(imgs) if imgs else []
+                    queries = [Query(item[0], item[1])] + [Query(a, f) for a, f in zip(imgs, feats)]
+                    flips = [[]] + [list(dims) for _, dims in QUERY_VIEWS[views]]
+                    for k in ks:
+                        method = subs[k].state.method
+                        if hasattr(method, "score_views"):
+                            margin = method.score_views(queries, flips, exact_above=thresholds[k])
+                        else:
+                            margin = method.score(queries[0])
+                            if imgs:
+                                margin = merge_views(margin, [method.score(q) for q in queries[1:]], views)
+                        preds[k] = subs[k].finish(margin, size or hw, rgb, name, query_size=hw)
+                yield name, combine(preds, thresholds, self.types, labelling=self._labelling(),
+                                    temperature=temperature, gate=self._gate())
 
     def to(self, device: str) -> "MultiTypeSegmenter":
         super().to(device)

@@ -48,6 +48,38 @@ def _name(x: ImageLike, i: int, what: str) -> str:
     return str(x) if isinstance(x, (str, Path)) else f"{what} {i + 1}"
 
 
+def prefetch_batches(images: Iterable[ImageLike], load, batch_size: int,
+                     threads: int) -> Iterator[list[tuple[str, ImageLike, Any]]]:
+    """The queries decoded by ``load(image, name)`` on ``threads`` threads, two batches ahead of the one
+    being computed, in batches of ``batch_size``: ``(name, image, loaded item or the FdsegError it
+    raised)`` in input order (every predict_stream's loop: the segmenter's, the cascade's, the types')."""
+    src = iter(enumerate(images))
+    with ThreadPoolExecutor(threads, thread_name_prefix="fdseg-load") as pool:
+        pending: deque = deque()
+
+        def refill() -> None:
+            while len(pending) < 2 * batch_size:
+                try:
+                    i, im = next(src)
+                except StopIteration:
+                    return
+                name = _name(im, i, "query image")
+                pending.append((name, im, pool.submit(load, im, name)))
+
+        refill()
+        while pending:
+            batch = []
+            while pending and len(batch) < batch_size:
+                name, im, fut = pending.popleft()
+                try:
+                    batch.append((name, im, fut.result()))
+                except FdsegError as e:
+                    batch.append((name, im, e))
+            refill()
+            yield batch
+
+
+
 @dataclass
 class Model:
     """What building a segmenter makes once: the settings, the backbone's feature extractor, the
@@ -573,37 +605,13 @@ class FewShotSegmenter:
         Queries are decoded by ``loader_threads`` threads while earlier ones are being
         computed, and run through the backbone ``batch_size`` at a time."""
         self._check_fitted()
-        ahead = 2 * self.batch_size
-        src = iter(enumerate(images))
-        with ThreadPoolExecutor(self.model.loader_threads, thread_name_prefix="fdseg-load") as pool:
-            pending: deque = deque()
-
-            def refill() -> None:
-                while len(pending) < ahead:
-                    try:
-                        i, im = next(src)
-                    except StopIteration:
-                        return
-                    name = _name(im, i, "query image")
-                    pending.append((name, pool.submit(self._load, im, name)))
-
-            refill()
-            while pending:
-                batch = []
-                while pending and len(batch) < self.batch_size:
-                    name, fut = pending.popleft()
-                    try:
-                        batch.append((name, fut.result()))
-                    except FdsegError as e:
-                        batch.append((name, e))
-                refill()
-                ok = [it for _, it in batch if not isinstance(it, BaseException)]
-                self._ensure_features(ok)
-                for name, it in batch:
-                    if isinstance(it, BaseException):
-                        yield name, it
-                        continue
-                    yield name, self.finish(self._score(it, exact=False), size or it[2], it[0], name, query_size=it[2])
+        for batch in prefetch_batches(images, self._load, self.batch_size, self.model.loader_threads):
+            self._ensure_features([it for _, _, it in batch if not isinstance(it, BaseException)])
+            for name, _, it in batch:
+                if isinstance(it, BaseException):
+                    yield name, it
+                    continue
+                yield name, self.finish(self._score(it, exact=False), size or it[2], it[0], name, query_size=it[2])
 
     def finish(self, margin: torch.Tensor, size: tuple[int, int], image: np.ndarray | None = None,
                source: str = "", query_size: tuple[int, int] | None = None) -> Prediction:
