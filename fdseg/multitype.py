@@ -404,6 +404,17 @@ class MultiTypeSegmenter(FewShotSegmenter):
                 dataclasses.replace(o, extractor=self._extractor_for(o.plan.preprocess)) for o in out.state.others))
         return out
 
+    @classmethod
+    def on_model_of(cls, template: FewShotSegmenter, competition: str = DEFAULT_COMPETITION,
+                    labelling: str = DEFAULT_LABELLING, gate: float = DEFAULT_GATE) -> "MultiTypeSegmenter":
+        """An unfitted multi-type segmenter on ``template``'s model (networks and cache shared, as
+        :meth:`spawn` shares them): the server's typed sessions on its per-setting templates."""
+        out = object.__new__(cls)
+        out.model = template.model
+        out.competition, out.labelling, out.gate = competition, labelling, float(gate)
+        out.state = None
+        return out
+
     def _plain(self, state: FittedState | None = None) -> FewShotSegmenter:
         """A single-type FewShotSegmenter on this model (with ``state``)."""
         out = object.__new__(FewShotSegmenter)

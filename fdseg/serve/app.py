@@ -23,8 +23,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from .. import __version__
 from ..errors import FdsegError, InputError
 from .auth import TokenAuth, check_token
-from .engine import MASK_FORMATS, Busy, Engine, NotFound, ServeConfig, Settings, options
-from .uploads import Upload, UploadError, display_name
+from .engine import MASK_FORMATS, Busy, Engine, NotFound, ServeConfig, Settings, check_types, options
+from .uploads import TextFields, Upload, UploadError, display_name
 
 STATIC = Path(__file__).with_name("static")
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -83,6 +83,8 @@ def _multipart_doc(fields: dict[str, tuple[str, str]], required: list[str]) -> d
     for name, (kind, desc) in fields.items():
         if kind == "files":
             props[name] = {"type": "array", "items": {"type": "string", "format": "binary"}, "description": desc}
+        elif kind == "strings":
+            props[name] = {"type": "array", "items": {"type": "string"}, "description": desc}
         elif kind == "file":
             props[name] = {"type": "string", "format": "binary", "description": desc}
         else:
@@ -107,7 +109,12 @@ _OUTPUT_DOC = {
 _KEEP_DOC = {"keep": ("boolean", "keep the mask, score map and overlay for results.zip (default true; false "
                                   "saves the encoding time)")}
 _SUPPORT_DOC = {"support": ("files", "support images, 1..5, repeat the field"),
-                "mask": ("files", "one defect mask per support, same order and size (non-zero = defect)")}
+                "mask": ("files", "one defect mask per support, same order and size (non-zero = defect)"),
+                "type": ("strings", "optional defect type name per support, repeat the field: one per support in "
+                                   "the same order, or none. Two or more distinct names fit a multi-type "
+                                   "inspector: each result then adds types, type, defects, verdicts, areas, "
+                                   "fractions and labels (label map: 0 = good, k = types[k-1]), the response a "
+                                   "legend, and the overlay is coloured by type")}
 _QUERY_DOC = {"query": ("files", "query images, repeat the field")}
 _NORMAL_DOC = {"normal": ("files", "optional defect-free (OK) images of the same product, repeat the field: "
                                    "their cells join the background, which lowers false alarms")}
@@ -178,7 +185,7 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
     # -- reading a multipart request ---------------------------------------------------------
     async def read_form(request: Request, max_files: int,
                         allowed: tuple[str, ...] = ("support", "mask", "query", "normal")
-                        ) -> tuple[dict[str, list[Upload]], dict[str, str]]:
+                        ) -> tuple[dict[str, list[Upload]], TextFields]:
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise UploadError("request", f"expected a multipart/form-data body (curl -F ...), got "
@@ -188,13 +195,13 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
         except StarletteHTTPException as e:
             raise UploadError("request", f"malformed multipart body: {e.detail}") from None
         files: dict[str, list[Upload]] = {}
-        text: dict[str, str] = {}
+        text = TextFields()
         try:
             for key, value in form.multi_items():
                 if isinstance(value, str):
                     if key in allowed:
                         raise UploadError(key, "expected a file upload (curl -F 'field=@file.png'), got a text value")
-                    text[key] = value
+                    text.add(key, value)
                     continue
                 n = len(files.get(key, [])) + 1
                 role = f"{key} {n}"
@@ -267,15 +274,16 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
         settings = Settings.parse(text, config.defaults)
         fmt, want_overlay = output_opts(text)
         pairs = support_pairs(files)
+        types = check_types(text.getall("type"), len(pairs))
         queries = files.get("query", [])
         if not queries:
             raise UploadError("query", "send at least one query image (field 'query')")
 
         def work():
-            session = engine.fit(settings, pairs, files.get("normal", []))
-            return engine.segment(session, queries, mask_format=fmt, want_overlay=want_overlay)
-        results = await engine.run(work)
-        return {"settings": asdict(settings), "results": results}
+            session = engine.fit(settings, pairs, files.get("normal", []), types)
+            return session, engine.segment(session, queries, mask_format=fmt, want_overlay=want_overlay)
+        session, results = await engine.run(work)
+        return {"settings": asdict(settings), **session.type_info(), "results": results}
 
     @app.post("/v1/sessions", tags=["sessions"], status_code=201,
               summary="fit the supports once; returns a session id to segment queries against",
@@ -284,7 +292,8 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
         files, text = await read_form(request, 2 * config.max_supports + config.max_normals)
         settings = Settings.parse(text, config.defaults)
         pairs = support_pairs(files)
-        session = await engine.run(engine.fit, settings, pairs, files.get("normal", []))
+        types = check_types(text.getall("type"), len(pairs))
+        session = await engine.run(engine.fit, settings, pairs, files.get("normal", []), types)
         engine.add(session)
         return session.info()
 
@@ -310,7 +319,7 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
         keep = _flag(text, "keep", True)
         results = await engine.run(engine.segment, session, files.get("query", []), mask_format=fmt,
                                    want_overlay=want_overlay, store=keep)
-        return {"session": sid, "results": results}
+        return {"session": sid, **session.type_info(), "results": results}
 
     @app.get("/v1/sessions/{sid}/results.zip", tags=["sessions"],
              summary="all masks, score maps, overlays, summary.csv/json and report.html segmented in this session")
@@ -387,8 +396,8 @@ def create_app(config: ServeConfig | None = None, allowed_hosts: list[str] | Non
     @app.post("/v1/saved/{sid}/open", tags=["saved sessions"], status_code=201,
               summary="refit a saved session; returns a new live session")
     async def open_saved(sid: str):
-        settings, pairs = engine.load_saved(sid)
-        session = await engine.run(engine.fit, settings, pairs)
+        settings, pairs, types = engine.load_saved(sid)
+        session = await engine.run(engine.fit, settings, pairs, None, types)
         engine.add(session)
         return {**session.info(), "opened_from": sid}
 

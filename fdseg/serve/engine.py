@@ -6,6 +6,9 @@
 * Per setting one *template* :class:`fdseg.FewShotSegmenter` is built and kept (a few at
   most); a session is ``template.spawn()``: the template's model (networks, read-only) with
   its own fitted state.
+* Supports may be typed (field ``type``, one name per support): two or more type names fit a
+  :class:`fdseg.multitype.MultiTypeSegmenter` on the same template's model; its results add the
+  label map, the types and the legend (docs/web-app.md, "Defect types").
 * Every fit / predict runs in a worker thread that holds one of ``workers`` slots
   (default 1: CPU inference already uses all cores); at most ``max_queue`` more wait,
   further requests get 503 instead of piling up.
@@ -37,13 +40,14 @@ from ..errors import FdsegError, InputError
 from ..pipeline.finish import MIN_CELLS, mask_box
 from ..report.html import card, esc, page, table
 from ..report.overlay import GREEN, RED, overlay
-from ..segment_folder import _row, _write_summary
+from ..segment_folder import _row, _typed, _write_summary
 from .uploads import (Upload, UploadError, archive_stem, b64, decode_image, decode_mask, display_name,
                       image_format, jpeg_bytes, png_bytes, rle_encode)
 
 RESIZE_MODES = ("resize", "aspect", "tile", "auto")
 SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
 MASK_FORMATS = ("png", "rle", "none")
+MAX_TYPE_NAME = 60                  # characters of one defect type name (field 'type')
 
 
 class NotFound(FdsegError):
@@ -244,6 +248,7 @@ class StoredResult:
     mask_png: bytes
     score_png: bytes
     overlay_jpg: bytes
+    labels_png: bytes = b""       # a typed session's label map (fdseg.multitype.label_png); b"": untyped
 
 
 @dataclass
@@ -251,7 +256,7 @@ class Session:
     id: str
     settings: Settings
     seg: Any
-    supports: list[dict]          # {"name", "image": bytes, "ext", "mask_png": bytes, "width", "height"}
+    supports: list[dict]          # {"name", "image": bytes, "ext", "mask_png": bytes, "width", "height"[, "type"]}
     created: float = field(default_factory=time.time)
     normals: int = 0              # defect-free images the fit used (their bytes are not kept)
     results: "OrderedDict[str, StoredResult]" = field(default_factory=OrderedDict)
@@ -267,10 +272,24 @@ class Session:
         stem = _SAFE_NAME.sub("_", self.title).strip("._")[:80]
         return f"{stem or self.id}.fdseg"
 
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The defect type names of a typed session (label k = ``types[k - 1]``); () for an untyped one."""
+        return session_types(self.seg)
+
+    def type_info(self) -> dict:
+        """``{"types": [...], "legend": [...]}`` for a typed session, {} for an untyped one."""
+        if not self.types:
+            return {}
+        from ..multitype import legend
+        return {"types": list(self.types), "legend": legend(self.types)}
+
     def info(self) -> dict:
         return {"id": self.id, "title": self.title, "settings": asdict(self.settings), "created": self.created,
                 "supports": [{"index": i + 1, "name": s["name"], "width": s["width"], "height": s["height"],
-                              "mask_fraction": s["mask_fraction"]} for i, s in enumerate(self.supports)],
+                              "mask_fraction": s["mask_fraction"], **({"type": s["type"]} if "type" in s else {})}
+                             for i, s in enumerate(self.supports)],
+                **self.type_info(),
                 "results": len(self.results), "normals": self.normals,
                 "source": "inspector" if self.inspector is not None else "fit", "inspector": self.inspector,
                 "precision_note": self.precision_note, "pinned": self.pinned,
@@ -280,6 +299,36 @@ class Session:
 
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def session_types(seg) -> tuple[str, ...]:
+    """The type names of a multi-type segmenter (fitted here on 2+ types, or loaded from an inspector file
+    with a ``types`` section); () for any other segmenter."""
+    from ..multitype import MultiTypeSegmenter
+    if not isinstance(seg, MultiTypeSegmenter) or getattr(seg, "state", None) is None:
+        return ()
+    return tuple(seg.types)
+
+
+def check_types(types: list[str] | None, n_supports: int) -> list[str] | None:
+    """The field ``type`` (one defect type name per support, in the supports' order) -> the stripped
+    names; None when no type was sent. A wrong count, an empty or overlong name: 400 naming 'type'."""
+    if not types:
+        return None
+    if len(types) != n_supports:
+        raise UploadError("type", f"need one type per support image (or none), got {len(types)} types for "
+                                  f"{n_supports} supports")
+    out = []
+    for i, t in enumerate(types, 1):
+        name = " ".join("".join(c if c.isprintable() else " " for c in str(t)).split())
+        if not name:
+            raise UploadError("type", f"support {i}'s type is empty: name every support's defect type, or none "
+                                      f"(one type)")
+        if len(name) > MAX_TYPE_NAME:
+            raise UploadError("type", f"support {i}'s type is {len(name)} characters long, at most "
+                                      f"{MAX_TYPE_NAME}")
+        out.append(name)
+    return out
 
 
 class Engine:
@@ -342,14 +391,21 @@ class Engine:
                 self._templates.popitem(last=False)
             return tpl
 
-    def new_segmenter(self, s: Settings):
-        """A fresh, unfitted segmenter for ``s`` on the template's model (networks shared, not copied)."""
-        return self._template(s).spawn()
+    def new_segmenter(self, s: Settings, typed: bool = False):
+        """A fresh, unfitted segmenter for ``s`` on the template's model (networks shared, not copied);
+        ``typed``: a :class:`fdseg.multitype.MultiTypeSegmenter` (its default rule) on that model."""
+        tpl = self._template(s)
+        if not typed:
+            return tpl.spawn()
+        from ..multitype import MultiTypeSegmenter
+        return MultiTypeSegmenter.on_model_of(tpl)
 
     # -- fit -----------------------------------------------------------------------------------
-    def fit(self, settings: Settings, pairs: list[tuple[Upload, Upload]], normals: list[Upload] | None = None) -> Session:
+    def fit(self, settings: Settings, pairs: list[tuple[Upload, Upload]], normals: list[Upload] | None = None,
+            types: list[str] | None = None) -> Session:
         """Decode and check the supports (and the defect-free ``normals``: field 'normal'), fit a new
-        segmenter on them (runs in a worker)."""
+        segmenter on them (runs in a worker). ``types`` (field 'type'): one defect type name per support;
+        two or more distinct names fit a multi-type segmenter, one name (or none) today's segmenter."""
         normals = list(normals or [])
         if len(normals) > self.config.max_normals:
             raise UploadError("normal", f"{len(normals)} defect-free images sent, this server takes at most "
@@ -360,7 +416,9 @@ class Engine:
         if len(pairs) > self.config.max_supports:
             raise UploadError("support", f"{len(pairs)} supports sent, this server takes at most "
                                          f"{self.config.max_supports}")
-        seg = self.new_segmenter(settings)
+        types = check_types(types, len(pairs))
+        typed = types is not None and len(set(types)) > 1
+        seg = self.new_segmenter(settings, typed=typed)
         rgbs, masks, kept = [], [], []
         with tempfile.TemporaryDirectory(prefix="fdseg-serve-") as tmp:
             for i, (im, m) in enumerate(pairs):
@@ -374,12 +432,15 @@ class Engine:
                 masks.append(mask)
                 kept.append({"name": im.name, "image": im.data, "ext": image_format(im.data),
                              "mask_png": png_bytes(mask), "width": rgb.shape[1], "height": rgb.shape[0],
-                             "mask_fraction": round(float(mask.mean()), 6)})
+                             "mask_fraction": round(float(mask.mean()), 6), **({"type": types[i]} if types else {})})
             base = 2 * len(pairs)
             oks = [decode_image(n, Path(tmp), base + i, max_pixels=self.config.max_pixels, min_size=seg.min_size)
                    for i, n in enumerate(normals)]
         try:
-            seg.fit(rgbs, masks, normals=oks or None)
+            if typed:
+                seg.fit(rgbs, masks, types=types, normals=oks or None)
+            else:
+                seg.fit(rgbs, masks, normals=oks or None)
         except InputError as e:
             raise UploadError(_upload_source(e.source, normals), e.problem) from None
         return Session(secrets.token_hex(8), settings, seg, kept, normals=len(oks))
@@ -430,6 +491,7 @@ class Engine:
             raise UploadError("query", f"{len(queries)} queries sent, this server takes at most "
                                        f"{self.config.max_queries} per request")
         seg = session.seg
+        typed = bool(session.types)
         with tempfile.TemporaryDirectory(prefix="fdseg-serve-") as tmp:
             rgbs = [decode_image(q, Path(tmp), i, max_pixels=self.config.max_pixels, min_size=seg.min_size)
                     for i, q in enumerate(queries)]
@@ -450,14 +512,19 @@ class Engine:
                 res["mask"] = {"format": "png", "data": b64(mask_png)}
             elif mask_format == "rle":
                 res["mask"] = {"format": "rle", **rle_encode(pred.mask)}
-            ov = jpeg_bytes(draw_result(rgb, pred.mask, specks)) if (want_overlay or store) else b""
+            labels_png = b""
+            typed_pred = typed and _typed(pred)
+            if typed_pred:
+                labels_png = _typed_result(res, pred, mask_format, store)
+            ov = jpeg_bytes(draw_result(rgb, pred.mask, specks, *((pred.labels, pred.types) if typed_pred else ())))\
+                if (want_overlay or store) else b""
             if want_overlay:
                 res["overlay_jpeg"] = b64(ov)
             if store:
                 score_png = png_bytes(np.round(pred.score * 255).astype(np.uint8), level=1)
                 with session.lock:
                     session.results.pop(q.name, None)
-                    session.results[q.name] = StoredResult(row, mask_png, score_png, ov)
+                    session.results[q.name] = StoredResult(row, mask_png, score_png, ov, labels_png)
                     while len(session.results) > self.config.max_results:
                         session.results.popitem(last=False)
             out.append(res)
@@ -480,11 +547,20 @@ class Engine:
                 z.writestr(f"masks/{stem}.png", r.mask_png)
                 z.writestr(f"scores/{stem}.png", r.score_png)
                 z.writestr(f"overlays/{stem}.jpg", r.overlay_jpg)
+                if r.labels_png:
+                    z.writestr(f"labels/{stem}.png", r.labels_png)
+            if session.types:
+                z.writestr("labels/legend.json", json.dumps({"good": 0, "types": session.type_info()["legend"]},
+                                                            indent=1))
+            colours = {e["type"]: tuple(int(e["colour"][k:k + 2], 16) for k in (1, 3, 5))
+                       for e in session.type_info().get("legend", [])}
             sup_cards = []
             for i, s in enumerate(session.supports):
                 rgb, mask = _support_arrays(s)
-                z.writestr(f"supports/support_{i + 1}.jpg", jpeg_bytes(overlay(rgb, mask, GREEN)))
-                sup_cards.append(card(f"supports/support_{i + 1}.jpg", f"support {i + 1}: {s['name']}"))
+                kind = s.get("type")
+                z.writestr(f"supports/support_{i + 1}.jpg", jpeg_bytes(overlay(rgb, mask, colours.get(kind, GREEN))))
+                sup_cards.append(card(f"supports/support_{i + 1}.jpg", f"support {i + 1}: {s['name']}"
+                                      + (f" ({kind})" if kind else "")))
             with tempfile.TemporaryDirectory(prefix="fdseg-serve-") as tmp:
                 _write_summary(Path(tmp), rows)
                 for f in ("summary.csv", "summary.json"):
@@ -560,6 +636,9 @@ class Engine:
         if not session.supports:
             raise UploadError("save", "this session was loaded from an inspector file that holds no support "
                                       "images: download the inspector file instead (GET /v1/sessions/ID/inspector)")
+        if session.types and not all(s.get("type") for s in session.supports):
+            raise UploadError("save", "a support of this session shows several defect types (a label mask): "
+                                      "download the inspector file instead (GET /v1/sessions/ID/inspector)")
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{session.id}-", dir=root))
         try:
@@ -568,7 +647,8 @@ class Engine:
                 img_rel, mask_rel = f"supports/{i + 1}.{s['ext']}", f"masks/{i + 1}.png"
                 write_bytes(tmp / img_rel, s["image"])
                 write_bytes(tmp / mask_rel, s["mask_png"])
-                sups.append({"image": img_rel, "mask": mask_rel, "name": s["name"]})
+                sups.append({"image": img_rel, "mask": mask_rel, "name": s["name"],
+                             **({"type": s["type"]} if "type" in s else {})})
             meta = {"format": "fdseg-session/1", "id": session.id, "title": title, "saved_at": time.time(),
                     "fdseg": __version__, "settings": asdict(session.settings), "supports": sups}
             write_text(tmp / "session.json", json.dumps(meta, indent=1))
@@ -593,7 +673,8 @@ class Engine:
                     continue
         return sorted(out, key=lambda m: -m["saved_at"])
 
-    def load_saved(self, sid: str) -> tuple[Settings, list[tuple[Upload, Upload]]]:
+    def load_saved(self, sid: str) -> tuple[Settings, list[tuple[Upload, Upload]], list[str] | None]:
+        """A saved session's settings, its supports (image, mask uploads) and their types (None: untyped)."""
         if not SESSION_ID.match(sid or ""):
             raise NotFound(f"no saved session {sid!r}")
         d = self._saved_root() / sid
@@ -610,7 +691,8 @@ class Engine:
             pairs.append((Upload((d / s["image"]).read_bytes(), display_name(s.get("name"), f"support {i + 1}"),
                                  f"support {i + 1}"),
                           Upload((d / s["mask"]).read_bytes(), f"mask {i + 1}", f"mask {i + 1}")))
-        return settings, pairs
+        types = [str(s.get("type", "")) for s in meta.get("supports", [])]
+        return settings, pairs, types if any(types) else None
 
 
 _LOAD_LOCK = threading.Lock()
@@ -648,10 +730,14 @@ def open_inspector(path: Path, config: ServeConfig, *, name: str | None = None, 
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     supports = []
     if insp.has_supports:
+        shows = list(getattr(seg.state, "support_types", ()) or ()) if session_types(seg) else []
         for sname, rgb, mask in insp.supports(max_pixels=config.max_pixels):
-            supports.append({"name": display_name(sname, f"support {len(supports) + 1}"), "image": png_bytes(rgb),
+            k = len(supports)
+            kind = shows[k] if k < len(shows) else ()
+            supports.append({"name": display_name(sname, f"support {k + 1}"), "image": png_bytes(rgb),
                              "ext": "png", "mask_png": png_bytes(mask), "width": rgb.shape[1],
-                             "height": rgb.shape[0], "mask_fraction": round(float(mask.mean()), 6)})
+                             "height": rgb.shape[0], "mask_fraction": round(float(mask.mean()), 6),
+                             **({"type": kind[0]} if len(kind) == 1 else {})})
     s = seg.settings
     settings = Settings(method=s["method"], backbone=s["backbone"], refine=s.get("refine") or "none",
                         threshold=float(s.get("threshold") or 0.0), size=int(s["input_size"]),
@@ -694,13 +780,21 @@ def component_cells(pred) -> tuple[list[float], np.ndarray | None]:
     return [float(c) for c in cells], specks
 
 
-def draw_result(rgb: np.ndarray, mask: np.ndarray, specks: np.ndarray | None) -> np.ndarray:
-    """The result picture: the regions that make the verdict filled red and outlined; specks (below the
-    smallest defect size) only ringed in amber, so that a red region always means "defective"."""
-    if specks is None:
+def draw_result(rgb: np.ndarray, mask: np.ndarray, specks: np.ndarray | None, labels: np.ndarray | None = None,
+                types: tuple[str, ...] = ()) -> np.ndarray:
+    """The result picture: the regions that make the verdict filled red and outlined (with ``labels`` of a
+    typed session: each in its type's colour, ``typed_overlay``); specks (below the smallest defect size)
+    only ringed in amber, so that a filled region always means "defective"."""
+    if labels is not None:
+        from ..multitype import typed_overlay
+        out = typed_overlay(rgb, labels if specks is None else np.where(specks, 0, labels), types)
+        if specks is None:
+            return out
+    elif specks is None:
         return overlay(rgb, mask, RED)
+    else:
+        out = overlay(rgb, mask & ~specks, RED)
     from scipy import ndimage
-    out = overlay(rgb, mask & ~specks, RED)
     w = max(1, round(max(rgb.shape[:2]) / 300))
     ys, xs = mask_box(specks)
     pad = w + 2
@@ -714,6 +808,23 @@ def draw_result(rgb: np.ndarray, mask: np.ndarray, specks: np.ndarray | None) ->
     sub[ring] = SPECK
     sub[sp] = (0.7 * sub[sp] + 0.3 * np.array(SPECK, np.float32)).astype(np.uint8)
     return out
+
+
+def _typed_result(res: dict, pred, mask_format: str, store: bool) -> bytes:
+    """Add a typed prediction's keys to the result ``res`` (types, type, defects, verdicts, areas, fractions,
+    labels as ``mask_format`` says); returns the label PNG when it was encoded (always when ``store``)."""
+    from ..multitype import label_png
+    res.update(types=list(pred.types), type=pred.type, defects=[dict(d) for d in pred.defects],
+               verdicts=dict(pred.verdicts), areas=dict(pred.areas),
+               fractions={t: round(f, 6) for t, f in pred.fractions.items()})
+    data = label_png(pred.labels, pred.types) if (mask_format == "png" or store) else b""
+    if mask_format == "png":
+        res["labels"] = {"format": "png", "data": b64(data)}
+    elif mask_format == "rle":
+        h, w = pred.labels.shape
+        res["labels"] = {"format": "rle", "size": [h, w],
+                         "by_type": {t: rle_encode(pred.labels == k) for k, t in enumerate(pred.types, 1)}}
+    return data
 
 
 def _upload_source(source, normals: list[Upload]):
@@ -740,16 +851,31 @@ def _support_arrays(s: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _report(rows: list[dict], session: Session, sup_cards: list[str]) -> str:
     ok = sorted(rows, key=lambda r: (-r["defect_fraction"], r["query"]))
+    typed = bool(session.types)
     secs = [f"<p class='muted'>settings: {esc(json.dumps(asdict(session.settings)))}</p>",
             "<p class='muted'>plan: " + esc("; ".join(f"{d['step']}={d['value']} ({d['reason']})"
                                                       for d in session.info()["plan"])) + "</p>",
+            *([_legend_html(session, rows)] if typed else []),
             "<h2>Supports</h2><div class='grid'>" + "".join(sup_cards) + "</div>",
-            "<h2>Queries</h2>" + table(["query", "file", "verdict", "defect score", "defect area", "components",
-                                        "max score"],
-                                       [[r["query"], r["file"], r.get("verdict", "-"), r.get("defect_score", "-"),
+            "<h2>Queries</h2>" + table(["query", "file", "verdict", *(["type"] if typed else []), "defect score",
+                                        "defect area", "components", "max score"],
+                                       [[r["query"], r["file"], r.get("verdict", "-"),
+                                         *([r.get("type") or "-"] if typed else []), r.get("defect_score", "-"),
                                          f"{100 * r['defect_fraction']:.3f}%", r["components"], r["max_score"]]
                                         for r in ok]),
             "<h2>Overlays (most defective first)</h2><div class='grid'>" + "".join(
                 card(f"overlays/{r['query']}.jpg", f"{r['file']}: {100 * r['defect_fraction']:.3f}% defect, "
                                                    f"max score {r['max_score']}") for r in ok) + "</div>"]
     return page("fdseg inspection", secs)
+
+
+def _legend_html(session: Session, rows: list[dict]) -> str:
+    """The report's legend of a typed session: value, type, colour, how many queries have that type."""
+    entries = session.type_info()["legend"]
+    count = {e["type"]: sum(1 for r in rows if r.get("type") == e["type"]) for e in entries}
+    return ("<h2>Defect types</h2><p class='muted'>labels/STEM.png: value k = type k (0 = good); overlays "
+            "coloured by type; labels/legend.json</p><table><tr><th>value</th><th>type</th><th>colour</th>"
+            "<th>queries of this type (strongest defect)</th></tr>" + "".join(
+                f"<tr><td>{e['value']}</td><td>{esc(e['type'])}</td><td><span style='display:inline-block;"
+                f"width:1.2em;height:1em;background:{e['colour']}'></span> {e['colour']}</td>"
+                f"<td>{count[e['type']]}</td></tr>" for e in entries) + "</table>")

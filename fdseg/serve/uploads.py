@@ -54,6 +54,22 @@ def archive_stem(name: str, taken: set[str]) -> str:
     return out
 
 
+class TextFields(dict):
+    """A form's text fields: each field's last value (as a dict), and every value of a repeated one
+    (``getall``: e.g. the field ``type``, one per support)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._all: dict[str, list[str]] = {}
+
+    def add(self, key: str, value: str) -> None:
+        self[key] = value
+        self._all.setdefault(key, []).append(value)
+
+    def getall(self, key: str) -> list[str]:
+        return list(self._all.get(key, []))
+
+
 @dataclass
 class Upload:
     """One uploaded file: its bytes (already size-checked) and the name to show."""

@@ -4,8 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  supports: [],      // {id, name, blob, width, height, maskCanvas, card}
-  queries: [],       // {id, name, blob, status: new|running|done|error, result, error, card, session}
+  supports: [],      // {id, name, blob, width, height, maskCanvas, card, typeInput}
+  queries: [],       // {id, name, blob, status: new|running|done|error, result, error, card, session, legend}
   normals: [],       // defect-free ("OK") image files sent with the fit (field 'normal')
   session: null,     // live session id on the server
   info: null,        // that session's info (GET /v1/sessions/{id})
@@ -255,7 +255,7 @@ function maskBlob(maskCanvas) {
 }
 
 // ---------------------------------------------------------------- supports
-async function addSupport(blob, name, maskBlobIn = null) {
+async function addSupport(blob, name, maskBlobIn = null, type = "") {
   if (state.supports.length >= (state.options ? state.options.limits.max_supports : 5)) {
     setStatus("at most " + state.options.limits.max_supports + " supports", true);
     return;
@@ -303,9 +303,24 @@ async function addSupport(blob, name, maskBlobIn = null) {
   const remove = document.createElement("button");
   remove.textContent = "remove";
   buttons.append(up, clear, remove);
-  card.append(paint, meta, err, buttons);
+  const typeRow = document.createElement("div");
+  typeRow.className = "type-row";
+  const typeLabel = document.createElement("label");
+  typeLabel.title = "optional: name each support's defect type (e.g. crack, blowhole) to tell several types apart; " +
+    "leave every one empty for one type";
+  const typeInput = document.createElement("input");
+  typeInput.type = "text";
+  typeInput.className = "type-input";
+  typeInput.maxLength = 60;
+  typeInput.placeholder = "optional, e.g. crack";
+  typeInput.spellcheck = false;
+  typeInput.value = type;
+  typeInput.addEventListener("input", markDirty);
+  typeLabel.append("defect type ", typeInput);
+  typeRow.appendChild(typeLabel);
+  card.append(paint, meta, typeRow, err, buttons);
   $("support-list").appendChild(card);
-  Object.assign(s, { card, maskCanvas: mask, info, err });
+  Object.assign(s, { card, maskCanvas: mask, info, err, typeInput });
   state.supports.push(s);
 
   const refresh = () => {
@@ -404,11 +419,13 @@ async function fitSession() {
   if (!state.supports.length) throw new Error("add at least one support image and paint its defect");
   const fd = new FormData();
   settingsForm(fd);
+  const types = supportTypes();
   for (const [i, s] of state.supports.entries()) {
     if (maskFraction(s.maskCanvas) === 0) throw new Error("support " + (i + 1) + " (" + s.name + "): paint the defect first");
     fd.append("support", s.blob, s.name);
     fd.append("mask", await maskBlob(s.maskCanvas), "mask_" + (i + 1) + ".png");
   }
+  for (const t of types) fd.append("type", t);
   for (const f of state.normals) fd.append("normal", f, f.name);
   setStatus("fitting " + state.supports.length + " support(s)" +
     (state.normals.length ? " and " + state.normals.length + " OK image(s)" : "") + "…");
@@ -419,11 +436,50 @@ async function fitSession() {
   return info;
 }
 
+// the supports' defect types (field 'type', in support order): [] when none is named (one type); a name
+// on some supports only is refused here, with the support to fix
+function supportTypes() {
+  const types = state.supports.map((s) => s.typeInput.value.trim());
+  if (!types.some((t) => t)) return [];
+  const i = types.findIndex((t) => !t);
+  if (i >= 0) {
+    throw new Error("support " + (i + 1) + " (" + state.supports[i].name + "): name its defect type too, or " +
+      "leave every support's type empty (one type)");
+  }
+  return types;
+}
+
 function showSession(info, extra = "") {
   state.info = info;
   $("session-info").textContent = "session " + info.id + extra;
   $("session-info").title = (info.plan || []).map((d) => d.step + " = " + d.value + ": " + d.reason).join("\n");
   $("plan-info").textContent = (info.plan || []).map((d) => d.step + "=" + d.value).join(" · ");
+  const lg = $("type-legend");
+  lg.innerHTML = "";
+  lg.hidden = !(info.legend && info.legend.length);
+  if (!lg.hidden) lg.append("defect types: ", legendList(info.legend));
+}
+
+// a typed session's legend (from the server: label value, type, colour): a swatch and the name of each type;
+// fractions (type -> share of the image) adds each type's area, current names the query's type
+function legendList(legend, fractions = null, current = null) {
+  const ul = document.createElement("ul");
+  ul.className = "legend";
+  for (const e of legend) {
+    const li = document.createElement("li");
+    li.dataset.type = e.type;
+    const sw = document.createElement("span");
+    sw.className = "swatch";
+    sw.style.backgroundColor = e.colour;
+    sw.title = e.colour + " (label value " + e.value + ")";
+    const name = document.createElement(e.type === current ? "b" : "span");
+    name.className = "type-name";
+    name.textContent = e.type;
+    li.append(sw, name);
+    if (fractions && fractions[e.type]) li.append(" " + (100 * fractions[e.type]).toFixed(3) + "%");
+    ul.appendChild(li);
+  }
+  return ul;
 }
 
 async function segmentQuery(q) {
@@ -436,6 +492,7 @@ async function segmentQuery(q) {
   try {
     const r = await api("/v1/sessions/" + state.session + "/segment", { method: "POST", body: fd });
     q.result = r.results[0];
+    q.legend = r.legend || null;        // a typed session's: type names and colours
     q.status = "done";
     q.session = state.session;
   } catch (e) {
@@ -509,6 +566,7 @@ function renderQuery(q) {
     img.alt = "mask overlay of " + q.name;
     img.src = "data:image/jpeg;base64," + r.overlay_jpeg;
     c.append(img, title, resultMeta(r));
+    if (r.types && q.legend) c.append(typeMeta(r, q.legend));
   } else if (q.status === "error") {
     const e = document.createElement("div");
     e.className = "error";
@@ -523,6 +581,18 @@ function renderQuery(q) {
 }
 
 const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s");
+
+// a typed session's result: the query's type (that of its strongest defect) and the legend of the overlay's colours
+function typeMeta(r, legend) {
+  const div = document.createElement("div");
+  div.className = "types";
+  const t = document.createElement("span");
+  t.className = "query-type";
+  t.textContent = r.type || "none";
+  t.title = "the type of the strongest defect";
+  div.append("type ", t, legendList(legend, r.fractions || {}, r.type));
+  return div;
+}
 
 // one result's line; what it says agrees with the verdict and with the picture: only regions of at least
 // the smallest defect size (min_region_cells grid cells) make a part defective and are filled red; smaller
@@ -644,7 +714,7 @@ async function openSaved() {
     for (const s of info.supports) {
       const base = "/v1/sessions/" + info.id + "/supports/" + s.index;
       const [img, mask] = await Promise.all([api(base + "/image"), api(base + "/mask")]);
-      await addSupport(img, s.name, mask);
+      await addSupport(img, s.name, mask, s.type || "");
     }
     state.session = info.id;
     state.dirty = state.normals.length > 0;   // saved sessions keep no OK images: refit with these on segment
@@ -695,7 +765,8 @@ function setInspector(info) {
   $("normal-section").hidden = on;
   $("support-title").textContent = on ? "Inspector" : "Supports";
   $("support-hint").textContent = on ? "(a fitted inspector file: no supports needed; drop query images below)" :
-    "(1–5 images of the defect; paint the defect on each, or upload its mask; or open an inspector file)";
+    "(1–5 images of the defect; paint the defect on each, or upload its mask; name its defect type to tell several " +
+    "apart; or open an inspector file)";
   for (const id of SETTING_IDS) $(id).disabled = on;        // the file fixes them
   const note = $("precision-note");
   note.hidden = !(on && info.precision_note);
@@ -820,6 +891,7 @@ function init() {
     state.session = null;
     state.dirty = true;
     $("session-info").textContent = $("plan-info").textContent = "";
+    $("type-legend").hidden = true;
     setStatus("ready: add support images");
     updateButtons();
   });
