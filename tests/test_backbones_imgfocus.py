@@ -259,7 +259,7 @@ def test_matches_onnxruntime_on_real_images(real, onnx_file, defects_root):
                 diff = (a - b).abs().max().item()
                 worst = max(worst, diff / b.abs().max().item())
                 assert diff < 1e-3, (cls, h, w, diff)       # measured <= 3.1e-5 (values up to ~70)
-    assert worst < 1e-5, worst                               # measured <= 6e-6 of the values' max
+    assert worst < 5e-5, worst      # of the values' max: measured 6e-6 (AVX-512 kernels, Zen 4), 1.2e-5 (AVX2 kernels)
 
 
 @pytest.mark.data
