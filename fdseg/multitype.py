@@ -54,7 +54,7 @@ from .errors import FdsegError, InputError
 from .methods import Query, Support
 from .pipeline import QUERY_VIEWS, Decision, Prediction, SupportViews, merge_views, view_images
 from .pipeline.finish import MIN_CELLS, ScoreRule, mask_box
-from .segmenter import FewShotSegmenter, FittedState, _matcher_decision, _name, prefetch_batches
+from .segmenter import FewShotSegmenter, FittedState, _matcher_decision, _name, prefetch_batches, support_lists
 
 __all__ = ["COMPETITIONS", "DEFAULT_COMPETITION", "DEFAULT_LABELLING", "DEFAULT_TYPE", "LABELLINGS",
            "MultiTypeSegmenter", "TypedPrediction", "TypedState", "combine", "label_png", "legend",
@@ -488,13 +488,7 @@ class MultiTypeSegmenter(FewShotSegmenter):
         palette or grey values; a list of names = values 1, 2, ...); one name or one mapping for all
         supports; None: one type, ``"defect"``. Type k (labels) is the k-th name met. ``normals``:
         defect-free images, given to every type's fit (FewShotSegmenter.fit)."""
-        if not isinstance(images, (list, tuple)):
-            images, masks = [images], [masks]
-        if not isinstance(masks, (list, tuple)) or len(images) != len(masks):
-            raise InputError("supports", f"need one mask per support image, got {len(images)} images "
-                                         f"and {len(masks) if isinstance(masks, (list, tuple)) else 1} masks")
-        if not images:
-            raise InputError("supports", "need at least one support image with its mask")
+        images, masks = support_lists(images, masks)
         n = len(images)
         if types is None:
             specs = [DEFAULT_TYPE] * n

@@ -48,6 +48,18 @@ def _name(x: ImageLike, i: int, what: str) -> str:
     return str(x) if isinstance(x, (str, Path)) else f"{what} {i + 1}"
 
 
+def support_lists(images, masks) -> tuple[list, list]:
+    """``fit``'s supports as two equally long, non-empty lists (one image and mask may come bare)."""
+    if not isinstance(images, (list, tuple)):
+        images, masks = [images], [masks]
+    if not isinstance(masks, (list, tuple)) or len(images) != len(masks):
+        raise InputError("supports", f"need one mask per support image, got {len(images)} images "
+                                     f"and {len(masks) if isinstance(masks, (list, tuple)) else 1} masks")
+    if not images:
+        raise InputError("supports", "need at least one support image with its mask")
+    return list(images), list(masks)
+
+
 def prefetch_batches(images: Iterable[ImageLike], load, batch_size: int,
                      threads: int) -> Iterator[list[tuple[str, ImageLike, Any]]]:
     """The queries decoded by ``load(image, name)`` on ``threads`` threads, two batches ahead of the one
@@ -386,13 +398,7 @@ class FewShotSegmenter:
         matcher's background evidence (the method must take them: fm does). From 25 normals on (5 with
         ``ok_gate="median"``; none with ``ok_gate="off"``) every fifth (at most 10) is held out instead and
         predicted to calibrate the OK gate (:class:`fdseg.pipeline.post.OkGate`)."""
-        if not isinstance(images, (list, tuple)):
-            images, masks = [images], [masks]
-        if not isinstance(masks, (list, tuple)) or len(images) != len(masks):
-            raise InputError("supports", f"need one mask per support image, got {len(images)} images "
-                                         f"and {len(masks) if isinstance(masks, (list, tuple)) else 1} masks")
-        if not images:
-            raise InputError("supports", "need at least one support image with its mask")
+        images, masks = support_lists(images, masks)
         m = self.model
         names = [_name(im, i, "support image") for i, im in enumerate(images)]
         # 1. preprocess: load at zoom 1 (cached features need no decode), then the zoom rule on the masks
