@@ -26,8 +26,9 @@ class _Outputs(torch.nn.Module):
         return tuple(self.backbone(x))
 
 
-def export_onnx(backbone: str, out: str | Path, weights: str | Path | None = None,
-                opset: int = 17, size: int = 256, **backbone_options) -> Path:
+def onnx_target(out: str | Path):
+    """The ``onnx`` module (a missing extra: one line saying what to install) and ``out`` as a Path
+    ending in .onnx (else a one-line InputError naming it): what every ONNX export checks first."""
     try:
         import onnx
     except ImportError:
@@ -35,6 +36,12 @@ def export_onnx(backbone: str, out: str | Path, weights: str | Path | None = Non
     out = Path(out)
     if out.suffix != ".onnx":
         raise InputError(out, "output file must end in .onnx")
+    return onnx, out
+
+
+def export_onnx(backbone: str, out: str | Path, weights: str | Path | None = None,
+                opset: int = 17, size: int = 256, **backbone_options) -> Path:
+    onnx, out = onnx_target(out)
     bb = create_backbone(backbone, weights=weights, **backbone_options)
     names = [f"f{i}" for i in range(len(bb.strides))]
     out.parent.mkdir(parents=True, exist_ok=True)

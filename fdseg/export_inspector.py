@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FdsegError, InputError, MissingExtraError
+from .errors import FdsegError, InputError
 
 FORMAT = "fdseg-inspector-onnx"
 FORMAT_VERSION = 1
@@ -362,18 +362,13 @@ def export_inspector(inspector, out: str | Path, *, prune: bool = True, opset: i
     False: every cell exactly (slower). ``check``: run the written graph (onnxruntime) against fdseg's
     predict on a synthetic image of each input-size class before keeping it. Raises
     :class:`InputError` (one line) where it cannot export."""
-    try:
-        import onnx
-    except ImportError:
-        raise MissingExtraError("ONNX export", "onnx", "onnx") from None
     import torch
 
     from . import __version__
+    from .export import onnx_target
     from .inspector import describe as _describe, file_sha256, load
 
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise InputError(out, "output file must end in .onnx")
+    onnx, out = onnx_target(out)
     if int(chunk) < 1:
         raise InputError("chunk", f"must be a positive number of bank rows, got {chunk!r}")
     source: dict[str, Any]

@@ -54,7 +54,7 @@ from .errors import FdsegError, InputError
 from .methods import Query, Support
 from .pipeline import QUERY_VIEWS, Decision, Prediction, SupportViews, merge_views, view_images
 from .pipeline.finish import MIN_CELLS, ScoreRule, mask_box
-from .segmenter import FewShotSegmenter, FittedState, _matcher_decision, _name, prefetch_batches, support_lists
+from .segmenter import FewShotSegmenter, FittedState, _matcher_decision, _name, method_to, prefetch_batches, support_lists
 
 __all__ = ["COMPETITIONS", "DEFAULT_COMPETITION", "DEFAULT_LABELLING", "DEFAULT_TYPE", "LABELLINGS",
            "MultiTypeSegmenter", "TypedPrediction", "TypedState", "combine", "label_png", "legend",
@@ -801,13 +801,7 @@ class MultiTypeSegmenter(FewShotSegmenter):
         if isinstance(st, TypedState):
             dev = self.model.device
             for o in st.others:
-                meth = o.method
-                if hasattr(meth, "to"):
-                    meth.to(dev)
-                else:
-                    for k, v in vars(meth).items():
-                        if isinstance(v, (torch.Tensor, torch.nn.Module)):
-                            setattr(meth, k, v.to(dev))
+                method_to(o.method, dev)
                 if o.extractor is not None:
                     o.extractor.device = dev
         self.__dict__.pop("_subs", None)

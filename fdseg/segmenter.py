@@ -60,6 +60,16 @@ def support_lists(images, masks) -> tuple[list, list]:
     return list(images), list(masks)
 
 
+def method_to(meth, dev: torch.device) -> None:
+    """A fitted matcher onto ``dev``: its own ``to``, else every tensor / module attribute moved."""
+    if hasattr(meth, "to"):
+        meth.to(dev)
+        return
+    for k, v in vars(meth).items():
+        if isinstance(v, (torch.Tensor, torch.nn.Module)):
+            setattr(meth, k, v.to(dev))
+
+
 def prefetch_batches(images: Iterable[ImageLike], load, batch_size: int,
                      threads: int) -> Iterator[list[tuple[str, ImageLike, Any]]]:
     """The queries decoded by ``load(image, name)`` on ``threads`` threads, two batches ahead of the one
@@ -665,12 +675,7 @@ class FewShotSegmenter:
             self.model.extractor.device = dev
             self.model.extractor.backbone.to(dev)
         for meth in ([self.model.method] + ([self.state.method] if self.state else [])):
-            if hasattr(meth, "to"):
-                meth.to(dev)
-            else:
-                for k, v in vars(meth).items():
-                    if isinstance(v, (torch.Tensor, torch.nn.Module)):
-                        setattr(meth, k, v.to(dev))
+            method_to(meth, dev)
         if self.state is not None and self.state.extractor is not None:
             self.state.extractor.device = dev
         return self

@@ -31,3 +31,13 @@ def running_server(app, log_level: str = "warning") -> Iterator[str]:
         server.should_exit = True
         t.join(10)
         sock.close()
+
+
+def error_of(r, status: int, *words: str) -> str:
+    """A REST reply that must be an error: its status is ``status`` and its one-line ``error`` names every
+    one of ``words``; returns that line."""
+    assert r.status_code == status, (r.status_code, r.text)
+    msg = r.json()["error"]
+    for w in words:
+        assert w in msg, (w, msg)
+    return msg

@@ -21,7 +21,7 @@ import fdseg  # noqa: E402
 from fdseg.serve import ServeConfig, create_app  # noqa: E402
 from fdseg.serve.uploads import rle_decode, rle_encode  # noqa: E402
 
-from serve_util import running_server  # noqa: E402
+from serve_util import error_of, running_server  # noqa: E402
 
 @pytest.fixture(scope="module")
 def pairs(demo):
@@ -53,13 +53,6 @@ def _png(a) -> bytes:
 def _mask_of(result) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(base64.b64decode(result["mask"]["data"])))) > 0
 
-
-def _err(r, status, *words):
-    assert r.status_code == status, (r.status_code, r.text)
-    msg = r.json()["error"]
-    for w in words:
-        assert w in msg, (w, msg)
-    return msg
 
 
 # -- round trips ----------------------------------------------------------------------------------
@@ -137,7 +130,7 @@ def test_session_fit_once_predict_many_zip_save_open(client, pairs, monkeypatch)
     sm = np.array(Image.open(io.BytesIO(client.get(f"/v1/sessions/{sid}/supports/1/mask").content))) > 0
     assert (sm == (np.array(Image.open(pairs[0][1])) > 0)).all()
     assert client.get(f"/v1/sessions/{sid}/supports/1/image").content == pairs[0][0].read_bytes()
-    _err(client.get(f"/v1/sessions/{sid}/supports/3/image"), 404)
+    error_of(client.get(f"/v1/sessions/{sid}/supports/3/image"), 404)
 
     z = zipfile.ZipFile(io.BytesIO(client.get(f"/v1/sessions/{sid}/results.zip").content))
     names = set(z.namelist())
@@ -162,7 +155,7 @@ def test_session_fit_once_predict_many_zip_save_open(client, pairs, monkeypatch)
     again = _mask_of(client.post(f"/v1/sessions/{new}/segment", files=[_file("query", q)]).json()["results"][0])
     assert (again == masks[q.stem]).all()                                      # same inspection reopened
     assert client.delete(f"/v1/sessions/{sid}").status_code == 200
-    _err(client.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)]), 404, "no live session")
+    error_of(client.post(f"/v1/sessions/{sid}/segment", files=[_file("query", q)]), 404, "no live session")
 
 
 # -- bad input: 4xx with a clear message, and the server keeps serving ------------------------------
@@ -172,36 +165,36 @@ def test_bad_inputs_get_clear_4xx(client, pairs, tmp_path):
     good = [_file("support", s_img), _file("mask", s_mask)]
     post = lambda files, data=None, url="/v1/segment": client.post(url, files=files, data=data or {})  # noqa: E731
 
-    _err(post([("support", ("notes.txt", b"not an image")), _file("mask", s_mask), _file("query", q)]),
+    error_of(post([("support", ("notes.txt", b"not an image")), _file("mask", s_mask), _file("query", q)]),
          400, "support 1 (notes.txt)", "not an image")
-    _err(post(good + [_file("query", q), ("query", ("broken.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 30))]),
+    error_of(post(good + [_file("query", q), ("query", ("broken.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 30))]),
          400, "query 2 (broken.png)")
     h, w = np.array(Image.open(s_img)).shape[:2]
-    _err(post([_file("support", s_img), ("mask", ("small.png", _png(np.full((h // 2, w), 255, np.uint8)))),
+    error_of(post([_file("support", s_img), ("mask", ("small.png", _png(np.full((h // 2, w), 255, np.uint8)))),
                _file("query", q)]), 400, "mask 1 (small.png)", f"mask is {w}x{h // 2} but its image is {w}x{h}")
-    _err(post([_file("support", s_img), ("mask", ("empty.png", _png(np.zeros((h, w), np.uint8)))),
+    error_of(post([_file("support", s_img), ("mask", ("empty.png", _png(np.zeros((h, w), np.uint8)))),
                _file("query", q)]), 400, "empty.png", "support mask is empty")
-    _err(post([_file("support", s_img), _file("query", q)]), 400, "need one mask per support image")
-    _err(post(good), 400, "at least one query")
-    _err(post([_file("query", q)]), 400, "at least one support")
-    _err(post(good * 6 + [_file("query", q)]), 400, "6 supports sent", "at most 5")
-    _err(post(good + [_file("query", q)], {"method": "nope"}), 400, "unknown method 'nope'", "fm")
-    _err(post(good + [_file("query", q)], {"backbone": "resnet9000"}), 400, "unknown backbone")
-    _err(post(good + [_file("query", q)], {"refine": "magic"}), 400, "unknown refinement")
-    _err(post(good + [_file("query", q)], {"threshold": "high"}), 400, "threshold")
-    _err(post(good + [_file("query", q)], {"size": "99999"}), 400, "size")
-    _err(post(good + [_file("query", q)], {"mask_format": "svg"}), 400, "mask_format")
-    _err(post(good + [_file("query", q)], {"overlay": "maybe"}), 400, "overlay")
-    _err(post(good + [("photo", ("x.png", s_img.read_bytes())), _file("query", q)]), 400, "unexpected file field")
-    _err(client.post("/v1/segment", data={"support": "s.png", "mask": "m.png", "query": "q.png"}), 400,
+    error_of(post([_file("support", s_img), _file("query", q)]), 400, "need one mask per support image")
+    error_of(post(good), 400, "at least one query")
+    error_of(post([_file("query", q)]), 400, "at least one support")
+    error_of(post(good * 6 + [_file("query", q)]), 400, "6 supports sent", "at most 5")
+    error_of(post(good + [_file("query", q)], {"method": "nope"}), 400, "unknown method 'nope'", "fm")
+    error_of(post(good + [_file("query", q)], {"backbone": "resnet9000"}), 400, "unknown backbone")
+    error_of(post(good + [_file("query", q)], {"refine": "magic"}), 400, "unknown refinement")
+    error_of(post(good + [_file("query", q)], {"threshold": "high"}), 400, "threshold")
+    error_of(post(good + [_file("query", q)], {"size": "99999"}), 400, "size")
+    error_of(post(good + [_file("query", q)], {"mask_format": "svg"}), 400, "mask_format")
+    error_of(post(good + [_file("query", q)], {"overlay": "maybe"}), 400, "overlay")
+    error_of(post(good + [("photo", ("x.png", s_img.read_bytes())), _file("query", q)]), 400, "unexpected file field")
+    error_of(client.post("/v1/segment", data={"support": "s.png", "mask": "m.png", "query": "q.png"}), 400,
          "expected a file upload")
-    _err(client.post("/v1/segment", json={"support": "s.png"}), 415, "multipart/form-data")
+    error_of(client.post("/v1/segment", json={"support": "s.png"}), 415, "multipart/form-data")
     # malformed multipart bodies
-    _err(client.post("/v1/segment", content=b"garbage", headers={"content-type": "multipart/form-data"}),
+    error_of(client.post("/v1/segment", content=b"garbage", headers={"content-type": "multipart/form-data"}),
          400, "malformed multipart")
-    _err(client.post("/v1/segment", content=b"--b\r\nBad Header\r\n\r\nabc\r\n--b--\r\n",
+    error_of(client.post("/v1/segment", content=b"--b\r\nBad Header\r\n\r\nabc\r\n--b--\r\n",
                      headers={"content-type": "multipart/form-data; boundary=b"}), 400, "malformed multipart")
-    _err(client.post("/v1/segment", content=b"--b\r\nContent-Disposition: form-data; name=\"support\"; "
+    error_of(client.post("/v1/segment", content=b"--b\r\nContent-Disposition: form-data; name=\"support\"; "
                                             b"filename=\"a.png\"\r\n\r\nabc",
                      headers={"content-type": "multipart/form-data; boundary=b"}), 400)
     # sessions: unknown, or an id that tries to be a path
@@ -220,20 +213,20 @@ def test_size_and_pixel_limits(pairs):
         # a decompression bomb: 4000 x 4000 px in a few KB, refused from its header (413)
         bomb = _png(np.zeros((4000, 4000), np.uint8))
         assert len(bomb) < 100_000
-        _err(c.post("/v1/segment", files=files + [("query", ("bomb.png", bomb))]), 413,
+        error_of(c.post("/v1/segment", files=files + [("query", ("bomb.png", bomb))]), 413,
              "query 1 (bomb.png)", "16,000,000 pixels", "250,000")
         big = np.random.default_rng(0).integers(0, 255, (300, 300, 3), np.uint8)
-        _err(c.post("/v1/segment", files=files + [("query", ("big.png", _png(big)))]), 413, "big.png",
+        error_of(c.post("/v1/segment", files=files + [("query", ("big.png", _png(big)))]), 413, "big.png",
              "200,000 bytes per file")
         # whole request over the limit: by Content-Length, and while reading a chunked body
-        _err(c.post("/v1/segment", files=files + [("query", (f"q{i}.png", _png(big[:200, :200]))) for i in range(6)]),
+        error_of(c.post("/v1/segment", files=files + [("query", (f"q{i}.png", _png(big[:200, :200]))) for i in range(6)]),
              413, "600,000 bytes")
 
         def chunks():
             yield b"--b\r\nContent-Disposition: form-data; name=\"query\"; filename=\"a.png\"\r\n\r\n"
             for _ in range(100):
                 yield b"\0" * 10_000
-        _err(c.post("/v1/segment", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}),
+        error_of(c.post("/v1/segment", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}),
              413, "600,000 bytes")
         assert c.get("/v1/health").status_code == 200
 
@@ -775,11 +768,11 @@ def test_bad_inspector_uploads_get_400_naming_the_upload(client, small_inspector
     for name, data, words in cases:
         _bad_upload(post(name, data), name, 400, *([words] if words else []))
     # not one file in the field 'inspector'
-    _err(client.post("/v1/inspectors", files=[_file("query", pairs[1][0])]), 400, "unexpected file field")
-    _err(client.post("/v1/inspectors", data={"inspector": "line3.fdseg"}), 400, "expected a file upload")
-    _err(client.post("/v1/inspectors", files=[("inspector", ("a.fdseg", good)), ("inspector", ("b.fdseg", good))]),
+    error_of(client.post("/v1/inspectors", files=[_file("query", pairs[1][0])]), 400, "unexpected file field")
+    error_of(client.post("/v1/inspectors", data={"inspector": "line3.fdseg"}), 400, "expected a file upload")
+    error_of(client.post("/v1/inspectors", files=[("inspector", ("a.fdseg", good)), ("inspector", ("b.fdseg", good))]),
          400)
-    _err(client.post("/v1/inspectors", json={"inspector": "x"}), 415)
+    error_of(client.post("/v1/inspectors", json={"inspector": "x"}), 415)
     # over the server's per-file limit: 413 before anything is written or loaded
     with _client(max_file_bytes=len(good) - 1) as c:
         _bad_upload(c.post("/v1/inspectors", files=[("inspector", ("line3.fdseg", good))]), "line3.fdseg", 413,
@@ -866,7 +859,7 @@ def test_cli_serve_inspector_loads_before_the_server_starts(monkeypatch, tmp_pat
         assert r.status_code == 200, r.text
         assert (_mask_of(r.json()["results"][0]) == fdseg.load(good).predict(pairs[1][0]).mask).all()
         assert 'filename="line3.fdseg"' in c.get(f"/v1/sessions/{sid}/inspector").headers["content-disposition"]
-        _err(c.delete(f"/v1/sessions/{sid}"), 409, "--inspector")
+        error_of(c.delete(f"/v1/sessions/{sid}"), 409, "--inspector")
         # kept for the server's life: newer sessions (max 1 here) replace each other, not it
         ids = [c.post("/v1/inspectors", files=[("inspector", ("x.fdseg", good.read_bytes()))]).json()["id"]
                for _ in range(2)]

@@ -21,6 +21,7 @@ import fdseg  # noqa: E402
 from fdseg.multitype import MultiTypeSegmenter, legend  # noqa: E402
 from fdseg.serve import ServeConfig, create_app  # noqa: E402
 from fdseg.serve.uploads import rle_decode  # noqa: E402
+from serve_util import error_of  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -77,13 +78,6 @@ def _png(data_b64: str) -> np.ndarray:
 def _queries(tile):
     return [_file("query", tile[t][1][0]) for t in TYPES]
 
-
-def _err(r, status, *words):
-    assert r.status_code == status, (r.status_code, r.text)
-    msg = r.json()["error"]
-    for w in words:
-        assert w in msg, (w, msg)
-    return msg
 
 
 def test_typed_session_labels_are_the_librarys(client, tile, library):
@@ -145,12 +139,12 @@ def test_one_call_segment_with_types_and_rle_labels(client, tile, library):
 def test_a_bad_type_list_gets_400_naming_type(client, tile):
     files, types = _supports(tile)
     for route, extra in (("/v1/sessions", []), ("/v1/segment", _queries(tile)[:1])):
-        msg = _err(client.post(route, files=files + types[:1] + extra), 400, "type", "1 types for 2 supports")
+        msg = error_of(client.post(route, files=files + types[:1] + extra), 400, "type", "1 types for 2 supports")
         assert msg.startswith("type:")
-        _err(client.post(route, files=files + types + [("type", (None, "fray"))] + extra), 400, "type")
-        _err(client.post(route, files=files + [("type", (None, "crack")), ("type", (None, "  "))] + extra), 400,
+        error_of(client.post(route, files=files + types + [("type", (None, "fray"))] + extra), 400, "type")
+        error_of(client.post(route, files=files + [("type", (None, "crack")), ("type", (None, "  "))] + extra), 400,
              "type", "support 2's type is empty")
-        _err(client.post(route, files=files + [("type", (None, "x" * 61)), ("type", (None, "crack"))] + extra), 400,
+        error_of(client.post(route, files=files + [("type", (None, "x" * 61)), ("type", (None, "crack"))] + extra), 400,
              "type", "at most 60")
 
 
